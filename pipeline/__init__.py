@@ -1,0 +1,1 @@
+"""Llama 3 inference pipeline: weights -> artifacts -> benchmarks -> report, driven by conf/ and DVC."""

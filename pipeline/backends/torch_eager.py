@@ -1,0 +1,38 @@
+"""Backend `torch`: Hugging Face LlamaForCausalLM in eager mode with a dynamic KV cache, greedy.
+
+This is also the reference implementation every faster backend is compared with."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.backends.base import Backend
+from pipeline.errors import PipelineError
+
+
+class TorchEagerBackend(Backend):
+    name = "torch"
+
+    def load(self) -> None:
+        from transformers import LlamaForCausalLM
+
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise PipelineError("hardware.device=cuda but torch sees no CUDA device; use hardware=cpu")
+        dtype = getattr(torch, self.precision.torch_dtype_name)
+        self.model = LlamaForCausalLM.from_pretrained(
+            str(self.model_dir), dtype=dtype, use_safetensors=True, trust_remote_code=False
+        ).to(self.device).eval()
+        self.cache = None
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        from transformers import DynamicCache
+
+        self.cache = DynamicCache(config=self.model.config)
+        out = self.model(input_ids=input_ids.to(self.device), cache=self.cache, use_cache=True, logits_to_keep=1)
+        return out.logits[:, -1].argmax(dim=-1)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        out = self.model(input_ids=tokens[:, None], cache=self.cache, use_cache=True)
+        return out.logits[:, -1].argmax(dim=-1)

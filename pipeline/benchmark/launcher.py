@@ -1,0 +1,29 @@
+"""One fresh process per backend, so one backend's allocations, threads and compiled kernels never
+colour another's numbers (optimum-benchmark's process launcher)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import PipelineConfig
+from pipeline.errors import PipelineError
+
+
+def run_backend_in_subprocess(name: str, params_path: Path, model_dir: Path) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+        result_path = Path(tmp) / "result.json"
+        cmd = [sys.executable, "-m", "pipeline.benchmark.worker", name, str(params_path), str(model_dir),
+               str(result_path)]
+        proc = subprocess.run(cmd)
+        if proc.returncode != 0 or not result_path.is_file():
+            raise PipelineError(f"benchmark backend '{name}' failed (exit code {proc.returncode}); see its error above")
+        return json.loads(result_path.read_text())
+
+
+def run_all(cfg: PipelineConfig, params_path: Path, model_dir: Path) -> dict[str, dict[str, Any]]:
+    return {name: run_backend_in_subprocess(name, params_path, model_dir) for name in cfg.benchmark.backends}

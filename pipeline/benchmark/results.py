@@ -1,0 +1,36 @@
+"""Benchmark outputs: metrics JSON (DVC metrics), per-run CSV (DVC plots), run conditions."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import atomic_write_json, atomic_write_text
+
+RUN_COLUMNS = ["backend", "scenario", "batch_size", "prompt_length", "output_length", "run", "ttft_ms", "tpot_ms",
+               "e2el_ms", "output_tokens", "tokens_per_s"]
+
+
+def write_results(results: dict[str, dict[str, Any]], metrics_path: Path, conditions_path: Path,
+                  runs_path: Path) -> dict[str, Any]:
+    metrics = {name: r["metrics"] for name, r in results.items()}
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=RUN_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for r in results.values():
+        writer.writerows(r["rows"])
+    atomic_write_text(runs_path, buffer.getvalue())
+    atomic_write_json(conditions_path, {name: r["conditions"] for name, r in results.items()})
+    atomic_write_json(metrics_path, metrics)
+    return metrics
+
+
+def read_runs(runs_path: Path) -> list[dict[str, Any]]:
+    with open(runs_path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in RUN_COLUMNS[2:]:
+            row[key] = float(row[key])
+    return rows

@@ -1,0 +1,106 @@
+"""Timing loop shared by every backend: untimed warm-up, then measured greedy generations.
+
+One scenario = (batch_size, prompt_length). Each run sends batch_size requests at once (a static
+batch) and times every output token with a device sync, so the numbers are what a client would see."""
+
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from pipeline.backends.base import Backend
+from pipeline.benchmark.stats import PERCENTILE_METHOD, request_metrics, summarize
+from pipeline.config import BenchmarkConfig
+from pipeline.progress import progress_bar
+
+
+@dataclass(frozen=True)
+class Scenario:
+    batch_size: int
+    prompt_length: int
+    output_length: int
+
+    @property
+    def key(self) -> str:
+        return f"bs{self.batch_size}_in{self.prompt_length}_out{self.output_length}"
+
+
+def scenarios(bench: BenchmarkConfig) -> list[Scenario]:
+    return [Scenario(b, p, bench.output_length) for p in bench.prompt_lengths for b in bench.batch_sizes]
+
+
+def generate_timed(backend: Backend, prompt: torch.Tensor, output_length: int) -> tuple[float, list[float]]:
+    """Greedy-generate output_length tokens (EOS ignored); return send time and per-token times."""
+    backend.synchronize()
+    t_send = time.perf_counter()
+    token = backend.prefill(prompt)
+    backend.synchronize()
+    times = [time.perf_counter()]
+    for _ in range(output_length - 1):
+        token = backend.decode(token)
+        backend.synchronize()
+        times.append(time.perf_counter())
+    return t_send, times
+
+
+def _peak_memory_mb(device: torch.device) -> tuple[float, str]:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "cuda_max_memory_allocated"
+    # Linux reports ru_maxrss in KiB, macOS in bytes.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10), "process_peak_rss"
+
+
+def run_scenario(backend: Backend, scenario: Scenario, bench: BenchmarkConfig, vocab_size: int,
+                 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    gen = torch.Generator().manual_seed(bench.seed)
+    # Random ids (no special tokens) make every prompt exactly prompt_length tokens long.
+    prompt = torch.randint(2, vocab_size, (scenario.batch_size, scenario.prompt_length), generator=gen)
+    prompt = prompt.to(backend.device)
+    if backend.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(backend.device)
+    for _ in range(bench.warmup_runs):
+        generate_timed(backend, prompt, scenario.output_length)
+    rows = []
+    with progress_bar(f"{backend.name} {scenario.key}", total=bench.measured_runs) as advance:
+        for i in range(bench.measured_runs):
+            t_send, times = generate_timed(backend, prompt, scenario.output_length)
+            m = request_metrics(t_send, times)
+            tokens = scenario.batch_size * scenario.output_length
+            rows.append({"backend": backend.name, "scenario": scenario.key, "batch_size": scenario.batch_size,
+                         "prompt_length": scenario.prompt_length, "output_length": scenario.output_length,
+                         "run": i, **{k: round(v, 4) for k, v in m.items()}, "output_tokens": tokens,
+                         "tokens_per_s": round(tokens / (m["e2el_ms"] / 1e3), 2)})
+            advance(1)
+    summary: dict[str, float] = {}
+    for name in ("ttft_ms", "tpot_ms", "e2el_ms"):
+        summary.update(summarize(name, [r[name] for r in rows]))
+    # Runs are sequential, so the benchmark duration D is the sum of their end-to-end latencies.
+    duration_s = sum(r["e2el_ms"] for r in rows) / 1e3
+    summary["output_token_throughput"] = round(sum(r["output_tokens"] for r in rows) / duration_s, 2)
+    summary["request_throughput"] = round(scenario.batch_size * len(rows) / duration_s, 3)
+    summary["peak_memory_mb"] = round(_peak_memory_mb(backend.device)[0], 1)
+    return summary, rows
+
+
+def benchmark_backend(backend: Backend, bench: BenchmarkConfig, vocab_size: int) -> dict[str, Any]:
+    """All scenarios for one loaded backend -> {"metrics": {scenario: summary}, "rows": [...], "conditions"}."""
+    t0 = time.perf_counter()
+    backend.load()
+    load_s = time.perf_counter() - t0
+    metrics: dict[str, Any] = {"load_s": round(load_s, 3)}
+    rows: list[dict[str, Any]] = []
+    for scenario in scenarios(bench):
+        summary, scenario_rows = run_scenario(backend, scenario, bench, vocab_size)
+        metrics[scenario.key] = summary
+        rows += scenario_rows
+    conditions = {**backend.describe(), "percentile_method": PERCENTILE_METHOD, "ignore_eos": True,
+                  "decoding": "greedy", "batching": "static", "warmup_runs": bench.warmup_runs,
+                  "measured_runs": bench.measured_runs, "memory_method": _peak_memory_mb(backend.device)[1],
+                  "torch_threads": torch.get_num_threads()}
+    return {"metrics": metrics, "rows": rows, "conditions": conditions}

@@ -1,0 +1,307 @@
+"""Typed schema of the composed config (params.yaml) and its validation.
+
+conf/ --compose--> params.yaml --load()--> PipelineConfig (dataclasses, validated).
+Every rejection is a ConfigError whose one-line message names the dotted key and the allowed values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+
+from pipeline.errors import ConfigError
+
+SOURCES = ("preset", "local", "hub")
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+STORAGE_DTYPES = ("float32", "float16", "bfloat16")
+DEVICES = ("cpu", "cuda")
+TOKENIZERS = ("embedded", "source")
+
+
+def _fail(key: str, problem: str) -> None:
+    raise ConfigError(f"{key} {problem}")
+
+
+def _check_positive(key: str, value: int | float, minimum: int | float = 1) -> None:
+    if value < minimum:
+        _fail(key, f"must be >= {minimum}, got {value}")
+
+
+def _check_choice(key: str, value: Any, allowed) -> None:
+    if value not in allowed:
+        _fail(key, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
+
+
+@dataclass
+class RopeScaling:
+    rope_type: str = "llama3"
+    factor: float = 8.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def validate(self) -> None:
+        _check_choice("model.rope_scaling.rope_type", self.rope_type, ("llama3",))
+        for name in ("factor", "low_freq_factor", "high_freq_factor"):
+            if getattr(self, name) <= 0:
+                _fail(f"model.rope_scaling.{name}", f"must be > 0, got {getattr(self, name)}")
+        if self.high_freq_factor <= self.low_freq_factor:
+            _fail("model.rope_scaling.high_freq_factor", "must be greater than model.rope_scaling.low_freq_factor")
+        _check_positive("model.rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings)
+
+
+# Architecture keys: required for `preset`, optional for `local`/`hub` (then read from config.json).
+SHAPE_KEYS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
+    "max_position_embeddings",
+)
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    source: str = "preset"
+    hub_id: Optional[str] = None
+    revision: Optional[str] = None
+    local_dir: Optional[str] = None
+    seed: int = 1234
+    dtype: str = "float32"
+    tokenizer: str = "embedded"
+    vocab_size: Optional[int] = None
+    hidden_size: Optional[int] = None
+    intermediate_size: Optional[int] = None
+    num_layers: Optional[int] = None
+    num_heads: Optional[int] = None
+    num_kv_heads: Optional[int] = None
+    max_position_embeddings: Optional[int] = None
+    rms_norm_eps: float = 1e-5
+    tie_word_embeddings: bool = False
+    bos_token_id: Optional[int] = None
+    eos_token_id: Optional[int] = None
+    rope_theta: float = 500000.0
+    rope_scaling: Optional[RopeScaling] = None
+
+    def validate(self) -> None:
+        _check_choice("model.source", self.source, SOURCES)
+        _check_choice("model.dtype", self.dtype, STORAGE_DTYPES)
+        _check_choice("model.tokenizer", self.tokenizer, TOKENIZERS)
+        if self.source == "hub" and not self.hub_id:
+            _fail("model.hub_id", "is required when model.source=hub (e.g. meta-llama/Meta-Llama-3-8B)")
+        if self.source == "local" and not self.local_dir:
+            _fail("model.local_dir", "is required when model.source=local (a directory with config.json and *.safetensors)")
+        if self.source == "preset":
+            missing = [k for k in SHAPE_KEYS if getattr(self, k) is None]
+            if missing:
+                _fail(f"model.{missing[0]}", "is required when model.source=preset (random init needs the full shape)")
+        if self.tokenizer == "embedded" and self.source != "preset":
+            _fail("model.tokenizer", "must be 'source' unless model.source=preset (hub and local models bring their own)")
+        for key in SHAPE_KEYS:
+            value = getattr(self, key)
+            if value is not None:
+                _check_positive(f"model.{key}", value)
+        if self.num_heads and self.hidden_size and self.hidden_size % self.num_heads:
+            _fail("model.num_heads", f"must divide model.hidden_size={self.hidden_size}, got {self.num_heads}")
+        if self.num_heads and self.num_kv_heads and self.num_heads % self.num_kv_heads:
+            _fail("model.num_kv_heads", f"must divide model.num_heads={self.num_heads} (grouped-query attention), got {self.num_kv_heads}")
+        if self.rope_theta <= 0:
+            _fail("model.rope_theta", f"must be > 0, got {self.rope_theta}")
+        if self.rms_norm_eps <= 0:
+            _fail("model.rms_norm_eps", f"must be > 0, got {self.rms_norm_eps}")
+        for key in ("bos_token_id", "eos_token_id"):
+            value = getattr(self, key)
+            if value is not None and self.vocab_size and not 0 <= value < self.vocab_size:
+                _fail(f"model.{key}", f"must be in [0, model.vocab_size={self.vocab_size}), got {value}")
+
+
+@dataclass
+class PrecisionConfig:
+    name: str = "fp32"
+
+    def validate(self) -> None:
+        _check_choice("precision.name", self.name, tuple(PRECISIONS))
+
+    @property
+    def torch_dtype_name(self) -> str:
+        return PRECISIONS[self.name]
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = 1
+    pp: int = 1
+
+    def validate(self) -> None:
+        _check_positive("parallel.tp", self.tp)
+        _check_positive("parallel.pp", self.pp)
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp
+
+
+@dataclass
+class BenchmarkConfig:
+    backends: list[str] = field(default_factory=lambda: ["torch"])
+    prompt_lengths: list[int] = field(default_factory=lambda: [32])
+    output_length: int = 32
+    batch_sizes: list[int] = field(default_factory=lambda: [1])
+    warmup_runs: int = 2
+    measured_runs: int = 10
+    seed: int = 0
+
+    def validate(self) -> None:
+        from pipeline.backends.registry import BACKENDS
+
+        if not self.backends:
+            _fail("benchmark.backends", f"must name at least one backend ({', '.join(BACKENDS)})")
+        for i, name in enumerate(self.backends):
+            _check_choice(f"benchmark.backends[{i}]", name, tuple(BACKENDS))
+        if len(set(self.backends)) != len(self.backends):
+            _fail("benchmark.backends", f"lists a backend twice: {list(self.backends)}")
+        for key in ("prompt_lengths", "batch_sizes"):
+            values = getattr(self, key)
+            if not values:
+                _fail(f"benchmark.{key}", "must not be empty")
+            for i, v in enumerate(values):
+                _check_positive(f"benchmark.{key}[{i}]", v)
+        # TPOT is (E2E - TTFT) / (N - 1): it needs at least two output tokens.
+        _check_positive("benchmark.output_length", self.output_length, 2)
+        _check_positive("benchmark.warmup_runs", self.warmup_runs, 0)
+        _check_positive("benchmark.measured_runs", self.measured_runs, 1)
+
+
+@dataclass
+class HardwareConfig:
+    device: str = "cpu"
+    num_threads: int = 0
+
+    def validate(self) -> None:
+        _check_choice("hardware.device", self.device, DEVICES)
+        _check_positive("hardware.num_threads", self.num_threads, 0)
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    experiment: str = "llama3-inference"
+    uri: Optional[str] = None
+    timeout_s: float = 5.0
+
+    def validate(self) -> None:
+        if not self.experiment:
+            _fail("tracking.experiment", "must be a non-empty experiment name")
+        if self.timeout_s <= 0:
+            _fail("tracking.timeout_s", f"must be > 0, got {self.timeout_s}")
+
+
+@dataclass
+class PipelineConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    def validate(self) -> None:
+        for section in (self.model, self.precision, self.parallel, self.benchmark, self.hardware, self.tracking):
+            section.validate()
+        if self.model.rope_scaling is not None:
+            self.model.rope_scaling.validate()
+        check_parallel(self.parallel, self.model.num_heads, self.model.num_kv_heads, self.model.num_layers)
+        if self.model.max_position_embeddings:
+            longest = max(self.benchmark.prompt_lengths) + self.benchmark.output_length
+            if longest > self.model.max_position_embeddings:
+                _fail("benchmark.prompt_lengths",
+                      f"plus benchmark.output_length ({longest} tokens) exceed model.max_position_embeddings="
+                      f"{self.model.max_position_embeddings}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def check_parallel(parallel: ParallelConfig, num_heads: int | None, num_kv_heads: int | None,
+                   num_layers: int | None) -> None:
+    """TP splits attention heads; KV heads are split too, or replicated when tp exceeds them (as
+    TensorRT-LLM does). PP splits the layer stack evenly. Also called once a local/hub config is known."""
+    tp, pp = parallel.tp, parallel.pp
+    if num_heads is not None and num_heads % tp:
+        _fail("parallel.tp", f"must divide model.num_heads={num_heads}; got {tp} (allowed: {_divisors(num_heads)})")
+    if num_kv_heads is not None and num_kv_heads % tp and tp % num_kv_heads:
+        _fail("parallel.tp", f"must divide model.num_kv_heads={num_kv_heads} or be a multiple of it; got {tp}")
+    if num_layers is not None and num_layers % pp:
+        _fail("parallel.pp", f"must divide model.num_layers={num_layers}; got {pp} (allowed: {_divisors(num_layers)})")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def from_dict(raw: Any, source: str = "params.yaml") -> PipelineConfig:
+    """Validate a plain dict against the schema. Errors read `<source>: <key> <problem>`."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
+    try:
+        _reject_unknown_keys(raw, PipelineConfig, "")
+        merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), raw)
+        cfg = OmegaConf.to_object(merged)
+        cfg.validate()
+        return cfg
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    except MissingMandatoryValue as e:
+        raise ConfigError(f"{source}: {e.full_key} is required but not set (pass {e.full_key}=...)") from None
+    except ValidationError as e:
+        message = str(e).splitlines()[0]
+        raise ConfigError(f"{source}: {e.full_key} has the wrong type: {message}") from None
+    except OmegaConfBaseException as e:
+        raise ConfigError(f"{source}: {getattr(e, 'full_key', '?')}: {str(e).splitlines()[0]}") from None
+
+
+def _reject_unknown_keys(raw: dict, schema: type, prefix: str) -> None:
+    fields = {f.name: f for f in dataclasses.fields(schema)}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise ConfigError(f"unknown key '{dotted}' (allowed under '{prefix.rstrip('.') or '<root>'}': "
+                              f"{', '.join(fields)})")
+        nested = _dataclass_type(fields[key].type)
+        if nested is not None and isinstance(value, dict):
+            _reject_unknown_keys(value, nested, f"{dotted}.")
+
+
+def _dataclass_type(annotation: Any) -> type | None:
+    # Annotations are strings under `from __future__ import annotations`.
+    name = str(annotation).replace("Optional[", "").rstrip("]")
+    candidate = globals().get(name)
+    return candidate if dataclasses.is_dataclass(candidate) else None
+
+
+def load(path: str | Path = "params.yaml") -> PipelineConfig:
+    """Read and validate params.yaml. Stages call this first, before touching any output."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found; run `python -m pipeline compose` to write it from conf/")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    return from_dict(raw, source=str(path))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}; lists stay values (they are logged as strings)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        dotted = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{dotted}."))
+        else:
+            out[dotted] = value
+    return out

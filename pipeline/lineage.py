@@ -1,0 +1,75 @@
+"""Where a run came from: project root, git commit, dirty flag, the DVC invocation, dependency hashes."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+
+def project_root() -> Path:
+    """DVC_ROOT points at the main repo even for queued experiments running in a temp copy."""
+    if os.environ.get("DVC_ROOT"):
+        return Path(os.environ["DVC_ROOT"]).resolve()
+    here = Path.cwd().resolve()
+    for candidate in (here, *here.parents):
+        if (candidate / "dvc.yaml").is_file() or (candidate / ".git").exists():
+            return candidate
+    return here
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def git_state() -> dict[str, str]:
+    commit = _git("rev-parse", "HEAD")
+    status = _git("status", "--porcelain", "--untracked-files=no")
+    return {"git.commit": commit or "unknown", "git.dirty": "unknown" if status is None else str(bool(status)).lower()}
+
+
+def invocation() -> tuple[str | None, str]:
+    """Identify the `dvc repro` / `dvc exp run` process this stage runs under.
+
+    DVC runs every stage of one invocation as a child of the same process, so its pid and start time
+    key the pipeline run all stages nest under. Returns (key or None when run by hand, display name)."""
+    import psutil
+
+    exp_name = os.environ.get("DVC_EXP_NAME", "")
+    try:
+        proc = psutil.Process().parent()
+        while proc is not None:
+            cmd = " ".join(proc.cmdline())
+            if "dvc" in cmd and any(verb in cmd for verb in (" repro", " exp ", "exec-run")):
+                key = f"{exp_name}|{proc.pid}:{proc.create_time():.3f}"
+                return key, exp_name or "dvc " + ("exp run" if " exp " in cmd else "repro")
+            proc = proc.parent()
+    except (psutil.Error, OSError):
+        pass
+    return (f"{exp_name}|" if exp_name else None), exp_name or "manual"
+
+
+def dependency_hashes(stage: str) -> dict[str, str]:
+    """md5 of each dep of `stage`, computed by DVC itself: the same values DVC writes to dvc.lock when
+    the stage finishes (dvc.lock cannot be read for them yet, it still holds the previous run)."""
+    try:
+        from dvc.repo import Repo
+
+        with Repo(str(project_root())) as repo:
+            found = [s for s in repo.index.stages if getattr(s, "name", None) == stage]
+            if not found:
+                return {}
+            hashes = {}
+            from dvc.dependency.param import ParamsDependency
+
+            for dep in found[0].deps:
+                if isinstance(dep, ParamsDependency):
+                    continue  # their values are logged as params
+                hashes[str(dep.def_path)] = str(dep.get_hash().value or "unknown")
+            return hashes
+    except Exception as e:  # lineage must never fail a stage; say what is missing instead
+        return {"_error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}

@@ -1,0 +1,95 @@
+"""Where weights come from besides random init: a local directory or the Hugging Face hub.
+
+Only safetensors, config and tokenizer files are taken (never pickles), trust_remote_code is never
+used, and the hub token is read from HF_TOKEN and passed straight to huggingface_hub, never logged."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import PipelineError
+from pipeline.progress import progress_bar
+
+# Files a Llama checkpoint needs; anything else in the source (pickles, original/ folders) is skipped.
+ALLOW_PATTERNS = [
+    "config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+    "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+]
+
+
+def _wanted(path: Path) -> bool:
+    from fnmatch import fnmatch
+
+    return any(fnmatch(path.name, pattern) for pattern in ALLOW_PATTERNS)
+
+
+def check_checkpoint_dir(src: Path, label: str) -> dict[str, Any]:
+    """Refuse what we must not or cannot load; return config.json. Safetensors headers are parsed, so a
+    truncated or corrupt file fails here with its name, not deep inside a later stage."""
+    from safetensors import safe_open
+
+    if not src.is_dir():
+        raise PipelineError(f"{label}: {src} is not a directory")
+    config_path = src / "config.json"
+    if not config_path.is_file():
+        raise PipelineError(f"{label}: {config_path} is missing; a Hugging Face model directory needs config.json")
+    try:
+        hf_config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{config_path}: not valid JSON ({e.msg})") from None
+    weights = sorted(src.glob("*.safetensors"))
+    if not weights:
+        pickles = [p.name for p in src.glob("*.bin")] + [p.name for p in src.glob("*.pt*")]
+        hint = f" (found {', '.join(pickles[:3])}: pickle checkpoints are refused, convert them to safetensors)" if pickles else ""
+        raise PipelineError(f"{label}: no *.safetensors in {src}{hint}")
+    for path in weights:
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for name in f.keys():
+                    f.get_slice(name)  # reads the header entry; data offsets are validated by safetensors
+        except Exception as e:  # safetensors raises its own SafetensorError and OSError
+            raise PipelineError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0]}); re-download or re-export it") from None
+    if hf_config.get("auto_map"):
+        raise PipelineError(f"{config_path}: has auto_map (custom code); trust_remote_code is not supported")
+    return hf_config
+
+
+def copy_local(src: Path, dst: Path) -> dict[str, Any]:
+    src = Path(src).expanduser().resolve()
+    hf_config = check_checkpoint_dir(src, "model.local_dir")
+    files = [p for p in sorted(src.iterdir()) if p.is_file() and _wanted(p)]
+    with progress_bar(f"copy {src.name}", total=sum(p.stat().st_size for p in files), unit="bytes") as advance:
+        for p in files:
+            shutil.copyfile(p, dst / p.name)
+            advance(p.stat().st_size)
+    return hf_config
+
+
+def download_hub(hub_id: str, revision: str | None, dst: Path) -> tuple[dict[str, Any], str]:
+    """snapshot_download into dst; returns (config.json, resolved commit sha)."""
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    token = os.environ.get("HF_TOKEN") or None
+    try:
+        # Resolve the revision to a commit first, so the manifest pins exactly what was downloaded.
+        sha = HfApi(token=token).model_info(hub_id, revision=revision).sha
+        snapshot_download(repo_id=hub_id, revision=sha, local_dir=str(dst), allow_patterns=ALLOW_PATTERNS,
+                          token=token)
+    except GatedRepoError:
+        raise PipelineError(f"model.hub_id={hub_id}: gated repository; accept its licence on huggingface.co and "
+                            f"export HF_TOKEN") from None
+    except RepositoryNotFoundError:
+        raise PipelineError(f"model.hub_id={hub_id}: repository not found (or private without HF_TOKEN)") from None
+    except RevisionNotFoundError:
+        raise PipelineError(f"model.revision={revision}: no such revision in {hub_id}") from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
+        raise PipelineError(f"model.hub_id={hub_id}: download failed ({str(e).splitlines()[0]}); check the "
+                            f"network, or download it yourself and use model=local") from None
+    shutil.rmtree(dst / ".cache", ignore_errors=True)  # huggingface_hub's download metadata
+    return check_checkpoint_dir(dst, f"model.hub_id={hub_id}"), sha

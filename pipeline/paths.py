@@ -1,0 +1,12 @@
+"""Output locations, relative to the project root. dvc.yaml declares the same paths
+(tests/test_dvc_yaml.py keeps the two in step)."""
+
+from pathlib import Path
+
+PARAMS = Path("params.yaml")
+WEIGHTS_DIR = Path("artifacts/weights")
+WEIGHTS_METRICS = Path("metrics/weights.json")
+BENCHMARK_METRICS = Path("metrics/benchmark.json")
+BENCHMARK_CONDITIONS = Path("metrics/benchmark_conditions.json")
+BENCHMARK_RUNS = Path("plots/benchmark_runs.csv")
+REPORT_DIR = Path("reports")

@@ -1,0 +1,22 @@
+"""Stage `benchmark`: every configured backend in its own process -> metrics JSON + per-run CSV."""
+
+from pipeline import artifacts, config, paths, tracking
+from pipeline.benchmark import launcher, results
+from stages._main import run
+
+
+def main() -> None:
+    cfg = config.load(paths.PARAMS)
+    with tracking.stage_run("benchmark", cfg) as stage:
+        artifacts.verify_manifest(paths.WEIGHTS_DIR)
+        raw = launcher.run_all(cfg, paths.PARAMS, paths.WEIGHTS_DIR)
+        metrics = results.write_results(raw, paths.BENCHMARK_METRICS, paths.BENCHMARK_CONDITIONS,
+                                        paths.BENCHMARK_RUNS)
+        stage.log_metrics(metrics)
+        for path in (paths.BENCHMARK_METRICS, paths.BENCHMARK_CONDITIONS, paths.BENCHMARK_RUNS):
+            stage.log_artifact(path, "benchmark")
+        stage.set_tags({"backends": ",".join(cfg.benchmark.backends), "model": cfg.model.name})
+
+
+if __name__ == "__main__":
+    run(main)
