@@ -56,10 +56,13 @@ def invocation() -> tuple[str | None, str]:
 def dependency_hashes(stage: str) -> dict[str, str]:
     """md5 of each dep of `stage`, computed by DVC itself: the same values DVC writes to dvc.lock when
     the stage finishes (dvc.lock cannot be read for them yet, it still holds the previous run)."""
+    root = project_root()
+    if not (root / "dvc.yaml").is_file():
+        return {}  # run outside a DVC project (a library call, a test)
     try:
         from dvc.repo import Repo
 
-        with Repo(str(project_root())) as repo:
+        with Repo(str(root)) as repo:
             found = [s for s in repo.index.stages if getattr(s, "name", None) == stage]
             if not found:
                 return {}

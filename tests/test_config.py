@@ -1,0 +1,185 @@
+"""The typed schema: every conf/ combination composes and validates; bad configs fail naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import config
+from pipeline.compose import compose_dict, compose_params
+from pipeline.errors import ConfigError
+from tests.conftest import ROOT
+
+CONF = ROOT / "conf"
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def test_params_yaml_is_up_to_date_with_conf():
+    committed = yaml.safe_load((ROOT / "params.yaml").read_text())
+    assert committed == compose_dict(CONF), "params.yaml is stale: run `python -m pipeline compose` and commit it"
+
+
+def test_params_yaml_validates():
+    cfg = config.load(ROOT / "params.yaml")
+    assert cfg.model.name == "tiny" and cfg.model.num_kv_heads < cfg.model.num_heads
+
+
+@pytest.mark.parametrize("model", _options("model"))
+def test_every_option_composes_with_every_model(model):
+    # Each option of every other group, combined with this model (the groups do not interact beyond
+    # the cross-checks exercised below, so the full product would only repeat these).
+    extra = ["model.local_dir=/models/any"] if model == "local" else []
+    for group in ("precision", "parallel", "benchmark", "hardware", "tracking"):
+        for option in _options(group):
+            overrides = [f"model={model}", f"{group}={option}", *extra]
+            if model == "tiny" and (group, option) == ("benchmark", "gpu"):
+                # 2048-token prompts exceed the tiny model's 512 positions: the schema must say so.
+                with pytest.raises(ConfigError, match="benchmark.prompt_lengths"):
+                    compose_params(CONF, overrides)
+                continue
+            cfg = config.from_dict(compose_params(CONF, overrides))
+            assert cfg.model.name == model and cfg.parallel.world_size == cfg.parallel.tp * cfg.parallel.pp
+
+
+def _set(raw: dict, dotted: str, value) -> dict:
+    node = raw
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    node[last] = value
+    return raw
+
+
+def _delete(raw: dict, dotted: str) -> dict:
+    node = raw
+    *parents, last = dotted.split(".")
+    for key in parents:
+        node = node[key]
+    del node[last]
+    return raw
+
+
+BAD_VALUES = [
+    # (dotted key, bad value, text the message must contain besides the key)
+    ("benchmark.batch_sizes", [0], "must be >= 1"),
+    ("benchmark.batch_sizes", [], "must not be empty"),
+    ("benchmark.prompt_lengths", [-4], "must be >= 1"),
+    ("benchmark.output_length", 1, "must be >= 2"),
+    ("benchmark.measured_runs", 0, "must be >= 1"),
+    ("benchmark.warmup_runs", -1, "must be >= 0"),
+    ("benchmark.backends", ["tensorflow"], "must be one of"),
+    ("benchmark.backends", ["torch", "torch"], "twice"),
+    ("benchmark.output_length", "many", "wrong type"),
+    ("precision.name", "int4", "must be one of fp32, fp16, bf16"),
+    ("parallel.tp", 3, "must divide model.num_heads=8"),
+    ("parallel.tp", 0, "must be >= 1"),
+    ("parallel.pp", 3, "must divide model.num_layers=4"),
+    ("parallel.pp", "two", "wrong type"),
+    ("hardware.device", "tpu", "must be one of cpu, cuda"),
+    ("hardware.num_threads", -2, "must be >= 0"),
+    ("model.source", "s3", "must be one of preset, local, hub"),
+    ("model.dtype", "float8", "must be one of"),
+    ("model.num_kv_heads", 3, "must divide model.num_heads"),
+    ("model.num_heads", 7, "must divide model.hidden_size"),
+    ("model.hidden_size", 0, "must be >= 1"),
+    ("model.eos_token_id", 9999, "must be in [0, model.vocab_size=512)"),
+    ("model.rope_scaling.factor", 0.0, "must be > 0"),
+    ("model.rope_scaling.rope_type", "yarn", "must be one of llama3"),
+    ("model.rope_theta", -1.0, "must be > 0"),
+    ("tracking.experiment", "", "non-empty"),
+    ("tracking.timeout_s", 0.0, "must be > 0"),
+    ("tracking.enabled", "sometimes", "wrong type"),
+]
+
+
+@pytest.mark.parametrize("key,value,expected", BAD_VALUES, ids=[f"{k}={v!r}" for k, v, _ in BAD_VALUES])
+def test_bad_value_names_the_key(raw, key, value, expected):
+    with pytest.raises(ConfigError) as info:
+        config.from_dict(_set(raw, key, value))
+    message = str(info.value)
+    assert key in message and expected in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("key", ["benchmark.batch_size", "model.rope_scaling.factr", "tracking.url", "extra",
+                                 "parallel.dp"])
+def test_unknown_key_names_the_key_and_the_allowed_ones(raw, key):
+    with pytest.raises(ConfigError) as info:
+        config.from_dict(_set(raw, key, 1) if "." in key else {**raw, key: 1})
+    message = str(info.value)
+    assert f"unknown key '{key}'" in message and "allowed" in message, message
+
+
+def test_tp_above_kv_heads_is_allowed_when_it_divides_the_heads(raw):
+    # 8 query heads, 2 KV heads: tp=4 replicates each KV head on two ranks (as TensorRT-LLM does).
+    assert config.from_dict(_set(raw, "parallel.tp", 4)).parallel.tp == 4
+
+
+def test_tp_that_divides_neither_head_count_fails(raw):
+    _set(raw, "model.num_heads", 12)
+    _set(raw, "model.hidden_size", 96)
+    _set(raw, "model.num_kv_heads", 4)
+    with pytest.raises(ConfigError, match=r"parallel.tp must divide model.num_kv_heads=4 or be a multiple of it; got 6"):
+        config.from_dict(_set(raw, "parallel.tp", 6))
+
+
+def test_preset_needs_its_shape(raw):
+    with pytest.raises(ConfigError, match="model.vocab_size is required when model.source=preset"):
+        config.from_dict(_set(raw, "model.vocab_size", None))
+
+
+def test_hub_source_needs_a_repo_id(raw):
+    _set(raw, "model.source", "hub")
+    _set(raw, "model.tokenizer", "source")
+    with pytest.raises(ConfigError, match="model.hub_id is required"):
+        config.from_dict(raw)
+
+
+def test_prompt_plus_output_longer_than_positions(raw):
+    with pytest.raises(ConfigError, match="benchmark.prompt_lengths.*model.max_position_embeddings=512"):
+        config.from_dict(_set(raw, "benchmark.prompt_lengths", [500]))
+
+
+def test_missing_section_takes_schema_defaults_but_missing_mandatory_value_fails():
+    with pytest.raises(ConfigError, match="model.local_dir"):
+        compose_params(CONF, ["model=local"])
+
+
+def test_hydra_errors_are_one_line():
+    with pytest.raises(ConfigError) as info:
+        compose_params(CONF, ["precision=int4"])
+    assert "precision" in str(info.value) and "bf16 fp16 fp32" in str(info.value)
+    assert "\n" not in str(info.value) and "search path" not in str(info.value)
+    with pytest.raises(ConfigError, match="benchmark.foo"):
+        compose_params(CONF, ["+benchmark.foo=1"])
+
+
+def test_load_reports_missing_and_broken_files(tmp_path: Path):
+    with pytest.raises(ConfigError, match="params.yaml: not found; run `python -m pipeline compose`"):
+        config.load(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("model: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        config.load(tmp_path / "params.yaml")
+    (tmp_path / "params.yaml").write_text("- a list\n")
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        config.load(tmp_path / "params.yaml")
+
+
+def test_compose_cli_check_detects_stale_params(tmp_path: Path):
+    from pipeline.__main__ import main
+
+    out = tmp_path / "params.yaml"
+    assert main(["compose", "--conf", str(CONF), "--output", str(out)]) == 0
+    assert main(["compose", "--conf", str(CONF), "--output", str(out), "--check"]) == 0
+    assert main(["compose", "precision=bf16", "--conf", str(CONF), "--output", str(out), "--check"]) == 1
+    assert main(["compose", "parallel.tp=3", "--conf", str(CONF), "--output", str(out)]) == 1
+    assert yaml.safe_load(out.read_text())["parallel"]["tp"] == 1  # a rejected config is never written
+
+
+def test_flatten():
+    assert config.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}

@@ -1,0 +1,108 @@
+"""`dvc repro` end to end in a fresh copy of the project, on the embedded tiny model."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import yaml
+
+from tests.helpers import copy_project, project_env, run
+
+pytestmark = pytest.mark.slow
+
+
+def _ran(output: str) -> list[str]:
+    return re.findall(r"Running stage '([\w@.-]+)'", output)
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory):
+    return copy_project(tmp_path_factory.mktemp("e2e") / "project")
+
+
+@pytest.fixture(scope="module")
+def first_repro(project):
+    return run(["dvc", "repro"], project, project_env())
+
+
+def test_repro_builds_every_output_with_sane_metrics(project, first_repro):
+    assert _ran(first_repro.stdout) == ["weights", "benchmark", "report"]
+    manifest = json.loads((project / "artifacts/weights/manifest.json").read_text())
+    assert manifest["parameter_count"] == 254_528
+    metrics = json.loads((project / "metrics/benchmark.json").read_text())["torch"]
+    params = yaml.safe_load((project / "params.yaml").read_text())["benchmark"]
+    scenarios = [k for k in metrics if k != "load_s"]
+    assert len(scenarios) == len(params["prompt_lengths"]) * len(params["batch_sizes"])
+    for key in scenarios:
+        s = metrics[key]
+        batch, out = int(key.split("_")[0][2:]), int(key.split("_")[2][3:])
+        assert s["tpot_ms_p50"] > 0 and s["ttft_ms_p50"] > 0
+        # Throughput and latency must tell the same story: tokens/s = batch * N / E2E (means agree
+        # within the spread of the runs).
+        implied = batch * out / (s["e2el_ms_mean"] / 1e3)
+        assert s["output_token_throughput"] == pytest.approx(implied, rel=0.25)
+        assert s["e2el_ms_p50"] == pytest.approx(s["ttft_ms_p50"] + (out - 1) * s["tpot_ms_p50"], rel=0.25)
+    for name in ("report.md", "latency.png", "throughput.png", "tpot_distribution.png"):
+        assert (project / "reports" / name).stat().st_size > 0
+    assert (project / "reports/latency.png").read_bytes()[:4] == b"\x89PNG"
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    assert set(lock["stages"]) == {"weights", "benchmark", "report"}
+
+
+def test_mlflow_has_one_parent_run_with_the_stage_runs_nested(project, first_repro):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{project / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("llama3-inference")
+    runs = client.search_runs([exp.experiment_id])
+    parents = [r for r in runs if r.data.tags.get("pipeline.kind") == "invocation"]
+    assert len(parents) == 1 and parents[0].info.run_name == "dvc repro"
+    stages = {r.info.run_name: r for r in runs if r.data.tags.get("pipeline.kind") == "stage"}
+    assert set(stages) == {"weights", "benchmark", "report"}
+    assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in stages.values())
+    # The dependency hashes tagged on each run are the ones DVC wrote to dvc.lock.
+    lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
+    for name, r in stages.items():
+        for dep in lock[name]["deps"]:
+            assert r.data.tags[f"dvc.dep.{dep['path']}"] == dep["md5"], (name, dep["path"])
+    assert stages["benchmark"].data.metrics["torch.bs1_in32_out32.tpot_ms_p50"] > 0
+    report_files = {a.path for a in client.list_artifacts(stages["report"].info.run_id, "report")}
+    assert "report/report.md" in report_files and "report/latency.png" in report_files
+
+
+def test_second_repro_reruns_nothing(project, first_repro):
+    again = run(["dvc", "repro"], project, project_env())
+    assert _ran(again.stdout) == []
+
+
+def test_benchmark_param_change_reruns_only_benchmark_and_report(project, first_repro):
+    params_path = project / "params.yaml"
+    params = yaml.safe_load(params_path.read_text())
+    params["benchmark"]["measured_runs"] = 3
+    params_path.write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run(["dvc", "repro"], project, project_env())
+    assert _ran(result.stdout) == ["benchmark", "report"]
+
+
+def test_dvc_exp_run_composes_from_conf_and_exp_show_has_the_metrics(project, first_repro):
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "after repro"], project, project_env())
+    exp = run(["dvc", "exp", "run", "-n", "fewer-runs", "-S", "benchmark.measured_runs=2",
+               "-S", "benchmark.batch_sizes=[2]"], project, project_env())
+    assert _ran(exp.stdout) == ["benchmark", "report"]
+    composed = yaml.safe_load((project / "params.yaml").read_text())
+    assert composed["benchmark"]["measured_runs"] == 2 and composed["model"]["name"] == "tiny"
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project, project_env()).stdout)
+    text = json.dumps(shown)
+    assert "fewer-runs" in text and "tpot_ms_p50" in text and "bs2_in32_out32" in text
+    bad = run_fail(["dvc", "exp", "run", "-S", "precision=int4"], project)
+    assert "precision" in bad and "fp32" in bad
+
+
+def run_fail(cmd, cwd) -> str:
+    import subprocess
+
+    proc = subprocess.run(cmd, cwd=cwd, env=project_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    return proc.stdout + proc.stderr
