@@ -103,7 +103,7 @@ def _markdown(metrics: dict[str, Any], conditions: dict[str, Any], weights: dict
     lines = ["# Llama 3 inference report", ""]
     lines += [f"- model: **{manifest.get('model')}** ({manifest.get('source')}), "
               f"{manifest.get('parameter_count', 0):,} parameters, stored as {manifest.get('dtype')}"]
-    if manifest.get("hub_id"):
+    if manifest.get("source") == "hub":
         lines.append(f"- hub: `{manifest['hub_id']}` @ `{manifest.get('resolved_revision')}`")
     if weights:
         lines.append(f"- weights stage: {_fmt(weights.get('bytes', 0) / 2**20)} MiB written in "

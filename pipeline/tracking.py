@@ -123,7 +123,7 @@ def publish_or_defer(record: StageRecord, tracking: TrackingConfig) -> None:
     uri = resolve_uri(tracking)
     try:
         _check_reachable(uri, tracking.timeout_s)
-        run_id = publish(record, tracking.experiment, uri)
+        run_id = publish(record, tracking.experiment, uri, tracking.timeout_s)
         console.print(f"[dim]mlflow: stage '{record.stage}' logged as run {run_id} at {_redact(uri)}[/dim]")
     except Exception as e:
         where = save_pending(record)
@@ -173,15 +173,13 @@ def _parent_run(client, experiment_id: str, record: StageRecord, git_tags: dict[
     return run.info.run_id
 
 
-def publish(record: StageRecord, experiment: str, uri: str) -> str:
+def publish(record: StageRecord, experiment: str, uri: str, timeout_s: float = 5.0) -> str:
     """Log one stage record as an MLflow run (nested under its invocation's run). Returns the run id."""
-    import mlflow
     from mlflow.entities import Metric, Param, RunTag
     from mlflow.tracking import MlflowClient
     from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 
-    _configure_client_env(5.0)
-    mlflow.set_tracking_uri(uri)
+    _configure_client_env(timeout_s)
     client = MlflowClient(tracking_uri=uri)
     experiment_id = _experiment_id(client, experiment, uri)
     git_tags = {k: v for k, v in record.tags.items() if k.startswith("git.")}
@@ -258,7 +256,7 @@ def backfill(tracking: TrackingConfig) -> tuple[int, int]:
                 artifact["path"] = str(folder / artifact["path"])
             record = StageRecord.from_json(data)
             record.tags["pipeline.backfilled"] = "true"
-            run_id = publish(record, tracking.experiment, uri)
+            run_id = publish(record, tracking.experiment, uri, tracking.timeout_s)
         except Exception as e:  # keep going: one bad record must not hold back the others
             console.print(f"[red]could not backfill {folder}:[/red] {type(e).__name__}: {str(e).splitlines()[0]}")
             continue

@@ -48,9 +48,11 @@ def build(model: ModelConfig, out_dir: Path) -> dict[str, Any]:
             raw_config, resolved_revision = sources.download_hub(model.hub_id, model.revision, tmp)
             hf_config.check_declared_shape(model, raw_config, f"{model.hub_id}/config.json")
         shape = hf_config.shape_from_hf(raw_config)
-        if not (tmp / "tokenizer.json").is_file():
-            raise PipelineError(f"{model.local_dir or model.hub_id}: no tokenizer.json; the benchmark and accuracy "
-                                f"stages need the model's tokenizer")
+        # A random preset with tokenizer=source has no tokenizer (the benchmark feeds random ids); a real
+        # checkpoint without one is incomplete.
+        if model.source != "preset" and not (tmp / "tokenizer.json").is_file():
+            raise PipelineError(f"{model.local_dir or model.hub_id}: no tokenizer.json; the accuracy stages need "
+                                f"the model's tokenizer")
         manifest = artifacts.write_manifest(
             tmp,
             kind="hf-model",
@@ -63,6 +65,7 @@ def build(model: ModelConfig, out_dir: Path) -> dict[str, Any]:
             seed=model.seed if model.source == "preset" else None,
             dtype=model.dtype if model.source == "preset" else raw_config.get("dtype", raw_config.get("torch_dtype")),
             parameter_count=parameter_count(tmp),
+            tokenizer=(tmp / "tokenizer.json").is_file(),
             shape=shape,
             config=raw_config,
             versions=library_versions(),

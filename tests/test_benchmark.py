@@ -26,7 +26,7 @@ def test_request_metrics_follow_the_field_definitions():
 def test_summarize_percentiles():
     s = summarize("x", list(range(1, 101)))
     assert s["x_p50"] == pytest.approx(50.5) and s["x_p90"] == pytest.approx(90.1)
-    assert s["x_p99"] == pytest.approx(99.01) and s["x_mean"] == 50.5 and (s["x_min"], s["x_max"]) == (1, 100)
+    assert s["x_p99"] == pytest.approx(99.01) and s["x_mean"] == 50.5 and set(s) == {"x_mean", "x_p50", "x_p90", "x_p99"}
 
 
 def test_registry_resolves_names_and_rejects_unknown():
@@ -64,7 +64,7 @@ def test_runner_measures_every_scenario(torch_backend):
     for key in keys:
         s = out["metrics"][key]
         assert 0 < s["ttft_ms_p50"] <= s["ttft_ms_p99"] and 0 < s["tpot_ms_p50"] <= s["tpot_ms_p99"]
-        assert s["e2el_ms_min"] >= s["ttft_ms_min"] and s["peak_memory_mb"] > 0
+        assert s["e2el_ms_p50"] >= s["ttft_ms_p50"] and s["peak_memory_mb"] > 0
     for row in out["rows"]:
         # E2E = TTFT + (N - 1) * TPOT, and tokens/s is batch * N over E2E.
         assert row["e2el_ms"] == pytest.approx(row["ttft_ms"] + 4 * row["tpot_ms"], abs=1e-3)

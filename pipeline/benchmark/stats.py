@@ -11,12 +11,11 @@ PERCENTILE_METHOD = "linear"  # numpy's default interpolation, recorded next to 
 
 
 def summarize(name: str, values: Sequence[float]) -> dict[str, float]:
-    """{name}_mean, {name}_p50, {name}_p90, {name}_p99, {name}_min, {name}_max."""
+    """{name}_mean, {name}_p50, {name}_p90, {name}_p99 (min/max stay in the per-run CSV)."""
     arr = np.asarray(values, dtype=np.float64)
     out = {f"{name}_mean": arr.mean()}
     for p in PERCENTILES:
         out[f"{name}_p{p}"] = np.percentile(arr, p, method=PERCENTILE_METHOD)
-    out[f"{name}_min"], out[f"{name}_max"] = arr.min(), arr.max()
     return {k: round(float(v), 4) for k, v in out.items()}
 
 
