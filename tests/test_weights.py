@@ -171,3 +171,21 @@ def test_sharded_presets_write_an_index(default_cfg, tmp_path, monkeypatch):
     assert len(index["weight_map"]) == len(tensor_specs(default_cfg.model))
     model = LlamaForCausalLM.from_pretrained(str(tmp_path / "sharded"))
     assert sum(p.numel() for p in model.parameters()) == manifest["parameter_count"] == 254_528
+
+
+def test_random_preset_with_source_tokenizer_has_none_and_says_so(default_cfg, tmp_path):
+    # e.g. `model=llama3-8b model.source=preset`: real shape, random weights, no checkpoint tokenizer.
+    preset = dataclasses.replace(default_cfg.model, tokenizer="source")
+    manifest = weights.build(preset, tmp_path / "out")
+    assert manifest["tokenizer"] is False and not (tmp_path / "out/tokenizer.json").exists()
+    assert manifest["parameter_count"] == 254_528
+
+
+def test_local_checkpoint_without_tokenizer_is_refused(tiny_model_dir, default_cfg, tmp_path):
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_dir, src)
+    (src / "tokenizer.json").unlink()
+    local = dataclasses.replace(default_cfg.model, source="local", local_dir=str(src), tokenizer="source")
+    with pytest.raises(PipelineError, match="no tokenizer.json"):
+        weights.build(local, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
