@@ -21,6 +21,8 @@ SOURCES = ("preset", "local", "hub")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
+CONVERT_DTYPES = ("fp32", "fp16", "bf16")
+CHECKPOINT_FORMATS = ("ft", "trtllm")
 TOKENIZERS = ("embedded", "source")
 
 
@@ -177,6 +179,53 @@ class BenchmarkConfig:
 
 
 @dataclass
+class ConvertConfig:
+    """FasterTransformer / TensorRT-LLM checkpoint conversion (stages convert_ft, convert_trtllm)."""
+
+    formats: list[str] = field(default_factory=lambda: ["ft", "trtllm"])
+    dtype: Optional[str] = None  # null = precision.name
+    ft_int8_mode: int = 0  # 1 = FasterTransformer weight-only INT8 (quantized by FT at load time)
+    trtllm_quant: Optional[str] = None  # null | W8A16 (needs tensorrt_llm installed)
+
+    def validate(self) -> None:
+        for i, name in enumerate(self.formats):
+            _check_choice(f"convert.formats[{i}]", name, CHECKPOINT_FORMATS)
+        if self.dtype is not None:
+            _check_choice("convert.dtype", self.dtype, CONVERT_DTYPES)
+        _check_choice("convert.ft_int8_mode", self.ft_int8_mode, (0, 1))
+        if self.trtllm_quant is not None:
+            _check_choice("convert.trtllm_quant", self.trtllm_quant, ("W8A16",))
+
+    def resolved_dtype(self, precision: "PrecisionConfig") -> str:
+        return self.dtype or (precision.name if precision.name in CONVERT_DTYPES else "fp32")
+
+
+@dataclass
+class VerifyConfig:
+    """Stage verify_parallel: the TP x PP runner on the converted checkpoints vs Hugging Face fp32."""
+
+    num_prompts: int = 2
+    prompt_length: int = 12
+    max_new_tokens: int = 8
+    seed: int = 0
+    max_abs_diff: float = 1e-4  # gate for fp32 checkpoints; lower precisions are gated on top-1 only
+    min_top1: float = 0.95
+    on_fail: str = "error"  # error | warn
+    timeout_s: float = 600.0
+
+    def validate(self) -> None:
+        for key in ("num_prompts", "prompt_length", "max_new_tokens"):
+            _check_positive(f"verify.{key}", getattr(self, key))
+        if self.max_abs_diff <= 0:
+            _fail("verify.max_abs_diff", f"must be > 0, got {self.max_abs_diff}")
+        if not 0 <= self.min_top1 <= 1:
+            _fail("verify.min_top1", f"must be in [0, 1], got {self.min_top1}")
+        _check_choice("verify.on_fail", self.on_fail, ("error", "warn"))
+        if self.timeout_s <= 0:
+            _fail("verify.timeout_s", f"must be > 0, got {self.timeout_s}")
+
+
+@dataclass
 class HardwareConfig:
     device: str = "cpu"
     num_threads: int = 0
@@ -206,15 +255,26 @@ class PipelineConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    convert: ConvertConfig = field(default_factory=ConvertConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
-        for section in (self.model, self.precision, self.parallel, self.benchmark, self.hardware, self.tracking):
+        for section in (self.model, self.precision, self.parallel, self.benchmark, self.convert, self.verify,
+                        self.hardware, self.tracking):
             section.validate()
         if self.model.rope_scaling is not None:
             self.model.rope_scaling.validate()
         check_parallel(self.parallel, self.model.num_heads, self.model.num_kv_heads, self.model.num_layers)
+        kv = self.model.num_kv_heads
+        if kv and self.parallel.tp > kv and "ft" in self.convert.formats:
+            # TensorRT-LLM replicates KV heads across ranks; FasterTransformer cannot (REFERENCE.md).
+            _fail("parallel.tp", f"must be <= model.num_kv_heads={kv} while convert.formats includes ft "
+                  f"(FasterTransformer cannot replicate KV heads); got {self.parallel.tp}: use a smaller tp or "
+                  f"convert.formats=[trtllm]")
+        if self.verify.prompt_length + self.verify.max_new_tokens > (self.model.max_position_embeddings or 1 << 30):
+            _fail("verify.prompt_length", "plus verify.max_new_tokens exceed model.max_position_embeddings")
         if self.model.max_position_embeddings:
             longest = max(self.benchmark.prompt_lengths) + self.benchmark.output_length
             if longest > self.model.max_position_embeddings:

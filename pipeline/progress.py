@@ -14,8 +14,13 @@ console = Console(stderr=True)
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, total: float, unit: str = "items") -> Iterator[Callable[[float], None]]:
-    """Yield `advance(n)`. unit='bytes' shows sizes and speed; anything else shows n/total."""
+def progress_bar(description: str, total: float, unit: str = "items",
+                 enabled: bool = True) -> Iterator[Callable[[float], None]]:
+    """Yield `advance(n)`. unit='bytes' shows sizes and speed; anything else shows n/total.
+    enabled=False (non-zero ranks of a distributed run) shows nothing."""
+    if not enabled:
+        yield lambda n=1: None
+        return
     columns = [TextColumn("[bold]{task.description}"), BarColumn()]
     columns += [DownloadColumn(), TransferSpeedColumn()] if unit == "bytes" else [MofNCompleteColumn()]
     columns += [TimeElapsedColumn(), TimeRemainingColumn()]

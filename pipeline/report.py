@@ -98,8 +98,22 @@ def _fmt(v: float) -> str:
     return f"{v:,.2f}" if abs(v) < 1000 else f"{v:,.0f}"
 
 
+def _verify_section(verify: dict[str, Any]) -> list[str]:
+    layout = verify.get("layout", {})
+    lines = [f"## Tensor/pipeline-parallel checkpoints (tp={layout.get('tp')}, pp={layout.get('pp')})", "",
+             "Each converted checkpoint re-run by the project's TP x PP torch runner (torchrun) against Hugging "
+             "Face fp32 on the same prompts.", "",
+             "| format | logits max-abs-diff | top-1 agreement | greedy tokens identical | gate |", "|---|---|---|---|---|"]
+    for fmt, m in verify.items():
+        if fmt == "layout":
+            continue
+        lines.append(f"| {fmt} | {m['logits_max_abs_diff']:.3g} | {m['top1_agreement']:.4f} "
+                     f"| {'yes' if m['generation_token_exact'] else 'no'} | {'pass' if m['gate_pass'] else 'FAIL'} |")
+    return lines + [""]
+
+
 def _markdown(metrics: dict[str, Any], conditions: dict[str, Any], weights: dict[str, Any],
-              manifest: dict[str, Any], plots: list[str]) -> str:
+              manifest: dict[str, Any], plots: list[str], verify: dict[str, Any] | None = None) -> str:
     lines = ["# Llama 3 inference report", ""]
     lines += [f"- model: **{manifest.get('model')}** ({manifest.get('source')}), "
               f"{manifest.get('parameter_count', 0):,} parameters, stored as {manifest.get('dtype')}"]
@@ -127,6 +141,8 @@ def _markdown(metrics: dict[str, Any], conditions: dict[str, Any], weights: dict
                          f"| {_fmt(s['e2el_ms_p50'])} | {_fmt(s['output_token_throughput'])} "
                          f"| {_fmt(s['peak_memory_mb'])} |")
         lines.append("")
+    if verify:
+        lines += _verify_section(verify)
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += ["Definitions: TTFT = first token time - send time; TPOT = (E2E - TTFT) / (N - 1); "
               "output tok/s = tokens produced / summed end-to-end time of the measured runs.", ""]
@@ -134,13 +150,14 @@ def _markdown(metrics: dict[str, Any], conditions: dict[str, Any], weights: dict
 
 
 def build(metrics_path: Path, conditions_path: Path, runs_path: Path, weights_metrics_path: Path,
-          weights_dir: Path, out_dir: Path) -> dict[str, Any]:
+          weights_dir: Path, out_dir: Path, verify_path: Path | None = None) -> dict[str, Any]:
     from pipeline import artifacts
 
     metrics = _read_json(metrics_path)
     conditions = _read_json(conditions_path)
     weights = _read_json(weights_metrics_path)
     manifest = artifacts.read_manifest(weights_dir)
+    verify = _read_json(verify_path) if verify_path is not None else None
     rows = read_runs(runs_path)
     if not metrics or not rows:
         raise PipelineError(f"{metrics_path}: no benchmark results to report")
@@ -149,5 +166,5 @@ def build(metrics_path: Path, conditions_path: Path, runs_path: Path, weights_me
         _plot_latency(metrics, tmp / plots[0])
         _plot_throughput(metrics, tmp / plots[1])
         _plot_tpot_distribution(rows, tmp / plots[2])
-        (tmp / "report.md").write_text(_markdown(metrics, conditions, weights, manifest, plots))
+        (tmp / "report.md").write_text(_markdown(metrics, conditions, weights, manifest, plots, verify))
     return {"files": ["report.md", *plots]}

@@ -8,7 +8,7 @@ def main() -> None:
     cfg = config.load(paths.PARAMS)
     with tracking.stage_run("report", cfg) as stage:
         built = report.build(paths.BENCHMARK_METRICS, paths.BENCHMARK_CONDITIONS, paths.BENCHMARK_RUNS,
-                             paths.WEIGHTS_METRICS, paths.WEIGHTS_DIR, paths.REPORT_DIR)
+                             paths.WEIGHTS_METRICS, paths.WEIGHTS_DIR, paths.REPORT_DIR, paths.VERIFY_METRICS)
         for name in built["files"]:
             stage.log_artifact(paths.REPORT_DIR / name, "report")
 

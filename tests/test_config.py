@@ -94,6 +94,13 @@ BAD_VALUES = [
     ("tracking.experiment", "", "non-empty"),
     ("tracking.timeout_s", 0.0, "must be > 0"),
     ("tracking.enabled", "sometimes", "wrong type"),
+    ("convert.formats", ["onnx"], "must be one of ft, trtllm"),
+    ("convert.dtype", "int8", "must be one of fp32, fp16, bf16"),
+    ("convert.ft_int8_mode", 2, "must be one of 0, 1"),
+    ("convert.trtllm_quant", "W4A16", "must be one of W8A16"),
+    ("verify.max_new_tokens", 0, "must be >= 1"),
+    ("verify.min_top1", 1.5, "must be in [0, 1]"),
+    ("verify.on_fail", "ignore", "must be one of error, warn"),
 ]
 
 
@@ -115,9 +122,13 @@ def test_unknown_key_names_the_key_and_the_allowed_ones(raw, key):
     assert f"unknown key '{key}'" in message and "allowed" in message, message
 
 
-def test_tp_above_kv_heads_is_allowed_when_it_divides_the_heads(raw):
-    # 8 query heads, 2 KV heads: tp=4 replicates each KV head on two ranks (as TensorRT-LLM does).
-    assert config.from_dict(_set(raw, "parallel.tp", 4)).parallel.tp == 4
+def test_tp_above_kv_heads_only_without_fastertransformer(raw):
+    # 8 query heads, 2 KV heads: tp=4 replicates each KV head on two ranks (as TensorRT-LLM does);
+    # FasterTransformer cannot, so it must be left out of convert.formats.
+    _set(raw, "parallel.tp", 4)
+    with pytest.raises(ConfigError, match=r"parallel.tp must be <= model.num_kv_heads=2 .*got 4.*convert.formats=\[trtllm\]"):
+        config.from_dict(raw)
+    assert config.from_dict(_set(raw, "convert.formats", ["trtllm"])).parallel.tp == 4
 
 
 def test_tp_that_divides_neither_head_count_fails(raw):

@@ -14,6 +14,8 @@ from pipeline.config import HardwareConfig, PrecisionConfig
 
 class Backend(ABC):
     name: ClassVar[str]
+    # True: the benchmark launches the worker under torchrun with parallel.tp * parallel.pp ranks.
+    distributed: ClassVar[bool] = False
 
     def __init__(self, model_dir: Path, precision: PrecisionConfig, hardware: HardwareConfig):
         self.model_dir = Path(model_dir)
@@ -24,6 +26,17 @@ class Backend(ABC):
     @abstractmethod
     def load(self) -> None:
         """Load weights onto the device; called once, untimed."""
+
+    def prepare(self, batch_size: int, max_seq_len: int) -> None:
+        """Called before each scenario's runs (static caches size themselves here)."""
+
+    @property
+    def is_reporting_rank(self) -> bool:
+        """Only this process writes results (all ranks of a distributed backend run the same loop)."""
+        return True
+
+    def close(self) -> None:
+        """Release what load() set up (process groups, devices)."""
 
     @abstractmethod
     def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:

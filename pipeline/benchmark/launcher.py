@@ -14,11 +14,20 @@ from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
 
 
-def run_backend_in_subprocess(name: str, params_path: Path, model_dir: Path) -> dict[str, Any]:
+def worker_command(name: str, params_path: Path, model_dir: Path, result_path: Path, world_size: int) -> list[str]:
+    from pipeline.backends.registry import load_backend_class
+
+    launch = [sys.executable]
+    if load_backend_class(name).distributed:
+        # Every rank runs the same worker (SPMD); rank 0 writes the result.
+        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}"]
+    return [*launch, "-m", "pipeline.benchmark.worker", name, str(params_path), str(model_dir), str(result_path)]
+
+
+def run_backend_in_subprocess(name: str, params_path: Path, model_dir: Path, world_size: int = 1) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
         result_path = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "pipeline.benchmark.worker", name, str(params_path), str(model_dir),
-               str(result_path)]
+        cmd = worker_command(name, params_path, model_dir, result_path, world_size)
         proc = subprocess.run(cmd)
         if proc.returncode != 0 or not result_path.is_file():
             raise PipelineError(f"benchmark backend '{name}' failed (exit code {proc.returncode}); see its error above")
@@ -26,4 +35,5 @@ def run_backend_in_subprocess(name: str, params_path: Path, model_dir: Path) -> 
 
 
 def run_all(cfg: PipelineConfig, params_path: Path, model_dir: Path) -> dict[str, dict[str, Any]]:
-    return {name: run_backend_in_subprocess(name, params_path, model_dir) for name in cfg.benchmark.backends}
+    return {name: run_backend_in_subprocess(name, params_path, model_dir, cfg.parallel.world_size)
+            for name in cfg.benchmark.backends}

@@ -62,12 +62,14 @@ def run_scenario(backend: Backend, scenario: Scenario, bench: BenchmarkConfig, v
     # Random ids (no special tokens) make every prompt exactly prompt_length tokens long.
     prompt = torch.randint(2, vocab_size, (scenario.batch_size, scenario.prompt_length), generator=gen)
     prompt = prompt.to(backend.device)
+    backend.prepare(scenario.batch_size, scenario.prompt_length + scenario.output_length)
     if backend.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(backend.device)
     for _ in range(bench.warmup_runs):
         generate_timed(backend, prompt, scenario.output_length)
     rows = []
-    with progress_bar(f"{backend.name} {scenario.key}", total=bench.measured_runs) as advance:
+    with progress_bar(f"{backend.name} {scenario.key}", total=bench.measured_runs,
+                      enabled=backend.is_reporting_rank) as advance:
         for i in range(bench.measured_runs):
             t_send, times = generate_timed(backend, prompt, scenario.output_length)
             m = request_metrics(t_send, times)

@@ -24,11 +24,15 @@ def main(argv: list[str]) -> int:
             torch.set_num_threads(cfg.hardware.num_threads)
         model_config = json.loads((Path(model_dir) / "config.json").read_text())
         backend = load_backend_class(name)(Path(model_dir), cfg.precision, cfg.hardware)
-        result = benchmark_backend(backend, cfg.benchmark, vocab_size=int(model_config["vocab_size"]))
+        try:
+            result = benchmark_backend(backend, cfg.benchmark, vocab_size=int(model_config["vocab_size"]))
+        finally:
+            backend.close()
     except PipelineError as e:
-        console.print(f"[red]error:[/red] {e}")
+        console.print(f"[red]error:[/red] {e}", highlight=False)
         return 1
-    atomic_write_json(Path(result_path), result)
+    if backend.is_reporting_rank:
+        atomic_write_json(Path(result_path), result)
     return 0
 
 

@@ -1,0 +1,14 @@
+"""A format left out by convert.formats still gets a (tiny) output, so the DVC graph stays static: a
+manifest saying it was not requested. verify_parallel and the benchmark never load it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pipeline import artifacts
+
+
+def write_skipped(out_dir: Path, fmt: str, reason: str) -> dict[str, Any]:
+    with artifacts.atomic_dir(Path(out_dir)) as tmp:
+        return artifacts.write_manifest(tmp, kind=f"{fmt}-checkpoint", format=fmt, skipped=True, reason=reason)

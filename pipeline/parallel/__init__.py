@@ -1,0 +1,1 @@
+"""Tensor- and pipeline-parallel torch runner for the converted checkpoints (launch with torchrun)."""
