@@ -18,11 +18,13 @@ from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBas
 from pipeline.errors import ConfigError
 
 SOURCES = ("preset", "local", "hub")
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# int8 = the ONNX INT8 (QDQ) path: backends that cannot run it are skipped, and say so.
+PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": None}
 STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
 CONVERT_DTYPES = ("fp32", "fp16", "bf16")
 CHECKPOINT_FORMATS = ("ft", "trtllm")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TOKENIZERS = ("embedded", "source")
 
 
@@ -88,9 +90,15 @@ class ModelConfig:
     eos_token_id: Optional[int] = None
     rope_theta: float = 500000.0
     rope_scaling: Optional[RopeScaling] = None
+    # Brief training of a preset on the embedded corpus (0 = pure random init); see pipeline/model/train_tiny.py.
+    train_steps: int = 0
+    train_lr: float = 2e-3
 
     def validate(self) -> None:
         _check_choice("model.source", self.source, SOURCES)
+        _check_positive("model.train_steps", self.train_steps, 0)
+        if self.train_lr <= 0:
+            _fail("model.train_lr", f"must be > 0, got {self.train_lr}")
         _check_choice("model.dtype", self.dtype, STORAGE_DTYPES)
         _check_choice("model.tokenizer", self.tokenizer, TOKENIZERS)
         if self.source == "hub" and not self.hub_id:
@@ -101,6 +109,9 @@ class ModelConfig:
             missing = [k for k in SHAPE_KEYS if getattr(self, k) is None]
             if missing:
                 _fail(f"model.{missing[0]}", "is required when model.source=preset (random init needs the full shape)")
+        if self.train_steps and (self.source != "preset" or self.tokenizer != "embedded"):
+            _fail("model.train_steps", "needs model.source=preset and model.tokenizer=embedded (it trains on the "
+                  "embedded corpus); set it to 0")
         if self.tokenizer == "embedded" and self.source != "preset":
             _fail("model.tokenizer", "must be 'source' unless model.source=preset (hub and local models bring their own)")
         for key in SHAPE_KEYS:
@@ -130,6 +141,8 @@ class PrecisionConfig:
 
     @property
     def torch_dtype_name(self) -> str:
+        if PRECISIONS[self.name] is None:
+            raise ConfigError(f"precision.name={self.name} has no torch dtype; this backend cannot run it")
         return PRECISIONS[self.name]
 
 
@@ -176,6 +189,95 @@ class BenchmarkConfig:
         _check_positive("benchmark.output_length", self.output_length, 2)
         _check_positive("benchmark.warmup_runs", self.warmup_runs, 0)
         _check_positive("benchmark.measured_runs", self.measured_runs, 1)
+
+
+@dataclass
+class ExportConfig:
+    """Stage export_onnx (torch.onnx.export, dynamo) -> artifacts/onnx/model.onnx with KV cache."""
+
+    opset: int = 18
+    parity_atol: float = 1e-3  # the stage fails when ONNX and torch logits differ by more
+    ort_optimization: str = "all"  # level whose node counts are recorded next to the raw graph's
+    attn_implementation: str = "sdpa"
+
+    def validate(self) -> None:
+        _check_positive("export.opset", self.opset, 18)
+        if self.parity_atol <= 0:
+            _fail("export.parity_atol", f"must be > 0, got {self.parity_atol}")
+        _check_choice("export.ort_optimization", self.ort_optimization, ("basic", "extended", "all"))
+        _check_choice("export.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+
+
+@dataclass
+class CalibrationConfig:
+    """Stage calibrate: onnxruntime static INT8 (QDQ, per-channel symmetric weights, symmetric activations)."""
+
+    method: str = "minmax"
+    num_samples: int = 16
+    seq_len: int = 32
+    batch_size: int = 1
+    seed: int = 0
+    op_types: list[str] = field(default_factory=lambda: ["MatMul"])
+    nodes_to_exclude: list[str] = field(default_factory=list)
+    quantize_outputs: bool = False
+    weight_matmuls_only: bool = False
+    percentile: float = 99.999
+    smoothquant_alpha: Optional[float] = None
+    dataset: Optional[str] = None  # a Hugging Face `datasets` name; null = the embedded corpus
+    dataset_config: Optional[str] = None
+    dataset_split: str = "train"
+    text_column: str = "text"
+
+    def validate(self) -> None:
+        _check_choice("calibration.method", self.method, CALIBRATION_METHODS)
+        for key in ("num_samples", "seq_len", "batch_size"):
+            _check_positive(f"calibration.{key}", getattr(self, key))
+        if not self.op_types:
+            _fail("calibration.op_types", "must name at least one op type (MatMul is the tested choice)")
+        try:
+            from onnxruntime.quantization.registry import QDQRegistry, QLinearOpsRegistry
+        except ImportError:  # the calibrate stage says what is missing
+            allowed = None
+        else:
+            allowed = tuple(sorted(set(QDQRegistry) | set(QLinearOpsRegistry)))
+        for i, op in enumerate(self.op_types):
+            if allowed is not None:
+                _check_choice(f"calibration.op_types[{i}]", op, allowed)
+        if not 0 < self.percentile <= 100:
+            _fail("calibration.percentile", f"must be in (0, 100], got {self.percentile}")
+        if self.smoothquant_alpha is not None and not 0 <= self.smoothquant_alpha <= 1:
+            _fail("calibration.smoothquant_alpha", f"must be in [0, 1] or null, got {self.smoothquant_alpha}")
+
+
+@dataclass
+class GateConfig:
+    max_ppl_delta_pct: float = 3.0
+    min_top1: float = 0.95
+    mode: str = "warn"  # off | warn | fail
+
+
+@dataclass
+class EvaluateConfig:
+    """Stage evaluate: every artifact vs the Hugging Face fp32 reference on held-out text."""
+
+    seq_len: int = 64
+    max_sequences: Optional[int] = None
+    torch_precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "bf16"])
+    gate: GateConfig = field(default_factory=GateConfig)
+
+    def validate(self) -> None:
+        _check_positive("evaluate.seq_len", self.seq_len, 2)
+        if self.max_sequences is not None:
+            _check_positive("evaluate.max_sequences", self.max_sequences)
+        if "fp32" not in self.torch_precisions:
+            _fail("evaluate.torch_precisions", "must include fp32 (the reference)")
+        for i, p in enumerate(self.torch_precisions):
+            _check_choice(f"evaluate.torch_precisions[{i}]", p, CONVERT_DTYPES)
+        if self.gate.max_ppl_delta_pct < 0:
+            _fail("evaluate.gate.max_ppl_delta_pct", f"must be >= 0, got {self.gate.max_ppl_delta_pct}")
+        if not 0 <= self.gate.min_top1 <= 1:
+            _fail("evaluate.gate.min_top1", f"must be in [0, 1], got {self.gate.min_top1}")
+        _check_choice("evaluate.gate.mode", self.gate.mode, ("off", "warn", "fail"))
 
 
 @dataclass
@@ -255,14 +357,17 @@ class PipelineConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
-        for section in (self.model, self.precision, self.parallel, self.benchmark, self.convert, self.verify,
-                        self.hardware, self.tracking):
+        for section in (self.model, self.precision, self.parallel, self.benchmark, self.export, self.calibration,
+                        self.evaluate, self.convert, self.verify, self.hardware, self.tracking):
             section.validate()
         if self.model.rope_scaling is not None:
             self.model.rope_scaling.validate()
@@ -273,6 +378,11 @@ class PipelineConfig:
             _fail("parallel.tp", f"must be <= model.num_kv_heads={kv} while convert.formats includes ft "
                   f"(FasterTransformer cannot replicate KV heads); got {self.parallel.tp}: use a smaller tp or "
                   f"convert.formats=[trtllm]")
+        if self.model.max_position_embeddings and self.calibration.seq_len + 1 > self.model.max_position_embeddings:
+            _fail("calibration.seq_len", f"(+1 decode step) exceeds model.max_position_embeddings="
+                  f"{self.model.max_position_embeddings}, got {self.calibration.seq_len}")
+        if self.model.max_position_embeddings and self.evaluate.seq_len > self.model.max_position_embeddings:
+            _fail("evaluate.seq_len", f"exceeds model.max_position_embeddings={self.model.max_position_embeddings}")
         if self.verify.prompt_length + self.verify.max_new_tokens > (self.model.max_position_embeddings or 1 << 30):
             _fail("verify.prompt_length", "plus verify.max_new_tokens exceed model.max_position_embeddings")
         if self.model.max_position_embeddings:

@@ -30,7 +30,7 @@ def parameter_count(model_dir: Path) -> int:
 def build(model: ModelConfig, out_dir: Path) -> dict[str, Any]:
     """Write the model directory atomically; return its manifest."""
     with artifacts.atomic_dir(out_dir) as tmp:
-        resolved_revision = None
+        resolved_revision, training = None, None
         if model.source == "preset":
             from pipeline.model.random_init import write_random_weights
             from pipeline.model.tokenizer import train_embedded_tokenizer
@@ -40,6 +40,11 @@ def build(model: ModelConfig, out_dir: Path) -> dict[str, Any]:
             write_random_weights(model, tmp)
             if model.tokenizer == "embedded":
                 train_embedded_tokenizer(model, tmp)
+            if model.train_steps:
+                from pipeline.model.tokenizer import CORPUS
+                from pipeline.model.train_tiny import train_tiny
+
+                training = train_tiny(tmp, CORPUS, steps=model.train_steps, seed=model.seed, lr=model.train_lr)
             raw_config = json.loads((tmp / "config.json").read_text())
         elif model.source == "local":
             raw_config = sources.copy_local(Path(model.local_dir), tmp)
@@ -63,6 +68,7 @@ def build(model: ModelConfig, out_dir: Path) -> dict[str, Any]:
             resolved_revision=resolved_revision,
             local_dir=model.local_dir,
             seed=model.seed if model.source == "preset" else None,
+            training=training,
             dtype=model.dtype if model.source == "preset" else raw_config.get("dtype", raw_config.get("torch_dtype")),
             parameter_count=parameter_count(tmp),
             tokenizer=(tmp / "tokenizer.json").is_file(),

@@ -9,9 +9,9 @@ def main() -> None:
     cfg = config.load(paths.PARAMS)
     with tracking.stage_run("benchmark", cfg) as stage:
         artifacts.verify_manifest(paths.WEIGHTS_DIR)
-        raw = launcher.run_all(cfg, paths.PARAMS, paths.WEIGHTS_DIR)
+        raw, skipped = launcher.run_all(cfg, paths.PARAMS, paths.WEIGHTS_DIR)
         metrics = results.write_results(raw, paths.BENCHMARK_METRICS, paths.BENCHMARK_CONDITIONS,
-                                        paths.BENCHMARK_RUNS)
+                                        paths.BENCHMARK_RUNS, skipped)
         stage.log_metrics(metrics)
         for path in (paths.BENCHMARK_METRICS, paths.BENCHMARK_CONDITIONS, paths.BENCHMARK_RUNS):
             stage.log_artifact(path, "benchmark")

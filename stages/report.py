@@ -7,8 +7,12 @@ from stages._main import run
 def main() -> None:
     cfg = config.load(paths.PARAMS)
     with tracking.stage_run("report", cfg) as stage:
-        built = report.build(paths.BENCHMARK_METRICS, paths.BENCHMARK_CONDITIONS, paths.BENCHMARK_RUNS,
-                             paths.WEIGHTS_METRICS, paths.WEIGHTS_DIR, paths.REPORT_DIR, paths.VERIFY_METRICS)
+        inputs = report.ReportInputs(
+            benchmark=paths.BENCHMARK_METRICS, conditions=paths.BENCHMARK_CONDITIONS, runs=paths.BENCHMARK_RUNS,
+            weights_metrics=paths.WEIGHTS_METRICS, weights_dir=paths.WEIGHTS_DIR, verify=paths.VERIFY_METRICS,
+            export=paths.EXPORT_METRICS, graph=paths.ONNX_GRAPH, calibrate=paths.CALIBRATE_METRICS,
+            evaluate=paths.EVALUATE_METRICS)
+        built = report.build(inputs, paths.REPORT_DIR)
         for name in built["files"]:
             stage.log_artifact(paths.REPORT_DIR / name, "report")
 

@@ -95,6 +95,20 @@ BAD_VALUES = [
     ("tracking.timeout_s", 0.0, "must be > 0"),
     ("tracking.enabled", "sometimes", "wrong type"),
     ("convert.formats", ["onnx"], "must be one of ft, trtllm"),
+    ("model.train_steps", -1, "must be >= 0"),
+    ("export.opset", 13, "must be >= 18"),
+    ("export.ort_optimization", "max", "must be one of basic, extended, all"),
+    ("calibration.method", "kl", "must be one of minmax, entropy, percentile"),
+    ("calibration.num_samples", 0, "must be >= 1"),
+    ("calibration.seq_len", 600, "exceeds model.max_position_embeddings=512"),
+    ("calibration.op_types", ["MatMull"], "must be one of"),
+    ("calibration.op_types", [], "at least one op type"),
+    ("calibration.percentile", 101.0, "must be in (0, 100]"),
+    ("calibration.smoothquant_alpha", 2.0, "must be in [0, 1]"),
+    ("evaluate.torch_precisions", ["fp16"], "must include fp32"),
+    ("evaluate.gate.mode", "maybe", "must be one of off, warn, fail"),
+    ("evaluate.gate.min_top1", -0.1, "must be in [0, 1]"),
+    ("evaluate.seq_len", 1, "must be >= 2"),
     ("convert.dtype", "int8", "must be one of fp32, fp16, bf16"),
     ("convert.ft_int8_mode", 2, "must be one of 0, 1"),
     ("convert.trtllm_quant", "W4A16", "must be one of W8A16"),
@@ -147,6 +161,7 @@ def test_preset_needs_its_shape(raw):
 def test_hub_source_needs_a_repo_id(raw):
     _set(raw, "model.source", "hub")
     _set(raw, "model.tokenizer", "source")
+    _set(raw, "model.train_steps", 0)
     with pytest.raises(ConfigError, match="model.hub_id is required"):
         config.from_dict(raw)
 

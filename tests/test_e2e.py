@@ -13,8 +13,17 @@ from tests.helpers import copy_project, project_env, run
 pytestmark = pytest.mark.slow
 
 
-def _ran(output: str) -> list[str]:
-    return re.findall(r"Running stage '([\w@.-]+)'", output)
+STAGES = {"weights", "export_onnx", "calibrate", "evaluate", "convert_ft", "convert_trtllm", "verify_parallel",
+          "benchmark", "report"}
+
+
+def _ran(output: str) -> set[str]:
+    return set(re.findall(r"Running stage '([\w@.-]+)'", output))
+
+
+def _exp_run(project, *overrides: str) -> set[str]:
+    args = [a for o in overrides for a in ("-S", o)]
+    return _ran(run(["dvc", "exp", "run", *args], project, project_env()).stdout)
 
 
 @pytest.fixture(scope="module")
@@ -28,15 +37,16 @@ def first_repro(project):
 
 
 def test_repro_builds_every_output_with_sane_metrics(project, first_repro):
-    assert _ran(first_repro.stdout) == ["weights", "benchmark", "report"]
+    assert _ran(first_repro.stdout) == STAGES
     manifest = json.loads((project / "artifacts/weights/manifest.json").read_text())
     assert manifest["parameter_count"] == 254_528
-    metrics = json.loads((project / "metrics/benchmark.json").read_text())["torch"]
+    all_metrics = json.loads((project / "metrics/benchmark.json").read_text())
+    assert set(all_metrics) == {"torch", "onnxruntime"}
     params = yaml.safe_load((project / "params.yaml").read_text())["benchmark"]
-    scenarios = [k for k in metrics if k != "load_s"]
-    assert len(scenarios) == len(params["prompt_lengths"]) * len(params["batch_sizes"])
-    for key in scenarios:
-        s = metrics[key]
+    scenarios = [(b, k) for b, m in all_metrics.items() for k in m if k != "load_s"]
+    assert len(scenarios) == 2 * len(params["prompt_lengths"]) * len(params["batch_sizes"])
+    for backend, key in scenarios:
+        s = all_metrics[backend][key]
         batch, out = int(key.split("_")[0][2:]), int(key.split("_")[2][3:])
         assert s["tpot_ms_p50"] > 0 and s["ttft_ms_p50"] > 0
         # Throughput and latency must tell the same story: tokens/s = batch * N / E2E (means agree
@@ -44,11 +54,20 @@ def test_repro_builds_every_output_with_sane_metrics(project, first_repro):
         implied = batch * out / (s["e2el_ms_mean"] / 1e3)
         assert s["output_token_throughput"] == pytest.approx(implied, rel=0.25)
         assert s["e2el_ms_p50"] == pytest.approx(s["ttft_ms_p50"] + (out - 1) * s["tpot_ms_p50"], rel=0.25)
-    for name in ("report.md", "latency.png", "throughput.png", "tpot_distribution.png"):
+    for name in ("report.md", "latency.png", "throughput.png", "tpot_distribution.png", "accuracy.png", "onnx_ops.png"):
         assert (project / "reports" / name).stat().st_size > 0
     assert (project / "reports/latency.png").read_bytes()[:4] == b"\x89PNG"
     lock = yaml.safe_load((project / "dvc.lock").read_text())
-    assert set(lock["stages"]) == {"weights", "benchmark", "report"}
+    assert set(lock["stages"]) == STAGES
+    # Issue 4: parity, accuracy and the INT8 artifacts.
+    export = json.loads((project / "metrics/export_onnx.json").read_text())
+    assert export["prefill_max_abs_diff"] <= 1e-4 and export["decode_max_abs_diff"] <= 1e-4
+    accuracy = json.loads((project / "metrics/evaluate.json").read_text())
+    assert accuracy["onnx_int8"]["gate_pass"] == 1 and accuracy["onnx_fp32"]["top1_agreement"] == 1.0
+    assert (project / "artifacts/onnx_int8/model.onnx").is_file() and (project / "artifacts/onnx_int8/calibration.json").is_file()
+    # Issue 5: both checkpoints, verified by the TP x PP runner.
+    verify = json.loads((project / "metrics/verify_parallel.json").read_text())
+    assert verify["ft"]["gate_pass"] == verify["trtllm"]["gate_pass"] == 1
 
 
 def test_mlflow_has_one_parent_run_with_the_stage_runs_nested(project, first_repro):
@@ -60,7 +79,7 @@ def test_mlflow_has_one_parent_run_with_the_stage_runs_nested(project, first_rep
     parents = [r for r in runs if r.data.tags.get("pipeline.kind") == "invocation"]
     assert len(parents) == 1 and parents[0].info.run_name == "dvc repro"
     stages = {r.info.run_name: r for r in runs if r.data.tags.get("pipeline.kind") == "stage"}
-    assert set(stages) == {"weights", "benchmark", "report"}
+    assert set(stages) == STAGES
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in stages.values())
     # The dependency hashes tagged on each run are the ones DVC wrote to dvc.lock.
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
@@ -74,7 +93,7 @@ def test_mlflow_has_one_parent_run_with_the_stage_runs_nested(project, first_rep
 
 def test_second_repro_reruns_nothing(project, first_repro):
     again = run(["dvc", "repro"], project, project_env())
-    assert _ran(again.stdout) == []
+    assert _ran(again.stdout) == set()
 
 
 def test_benchmark_param_change_reruns_only_benchmark_and_report(project, first_repro):
@@ -83,14 +102,14 @@ def test_benchmark_param_change_reruns_only_benchmark_and_report(project, first_
     params["benchmark"]["measured_runs"] = 3
     params_path.write_text(yaml.safe_dump(params, sort_keys=False))
     result = run(["dvc", "repro"], project, project_env())
-    assert _ran(result.stdout) == ["benchmark", "report"]
+    assert _ran(result.stdout) == {"benchmark", "report"}
 
 
 def test_dvc_exp_run_composes_from_conf_and_exp_show_has_the_metrics(project, first_repro):
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "after repro"], project, project_env())
     exp = run(["dvc", "exp", "run", "-n", "fewer-runs", "-S", "benchmark.measured_runs=2",
                "-S", "benchmark.batch_sizes=[2]"], project, project_env())
-    assert _ran(exp.stdout) == ["benchmark", "report"]
+    assert _ran(exp.stdout) == {"benchmark", "report"}
     composed = yaml.safe_load((project / "params.yaml").read_text())
     assert composed["benchmark"]["measured_runs"] == 2 and composed["model"]["name"] == "tiny"
     shown = json.loads(run(["dvc", "exp", "show", "--json"], project, project_env()).stdout)
@@ -106,3 +125,34 @@ def run_fail(cmd, cwd) -> str:
     proc = subprocess.run(cmd, cwd=cwd, env=project_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
     return proc.stdout + proc.stderr
+
+
+def test_int8_precision_benchmarks_the_quantized_graph_and_skips_what_cannot_run_it(project, first_repro):
+    ran = _exp_run(project, "precision=int8")
+    # convert_* read precision (their dtype follows it) but write the same fp32 files, so nothing below reruns.
+    assert ran <= {"benchmark", "report", "convert_ft", "convert_trtllm"} and {"benchmark", "report"} <= ran
+    metrics = json.loads((project / "metrics/benchmark.json").read_text())
+    conditions = json.loads((project / "metrics/benchmark_conditions.json").read_text())
+    assert set(metrics) == {"onnxruntime"} and conditions["onnxruntime"]["onnx_graph"] == "int8-qdq"
+    assert "precision.name=int8 not supported" in conditions["torch"]["skipped"]
+    assert "was not run" in (project / "reports/report.md").read_text()
+
+
+def test_tp2_pp2_builds_and_verifies_both_checkpoints(project, first_repro):
+    ran = _exp_run(project, "parallel.tp=2", "parallel.pp=2")
+    assert {"convert_ft", "convert_trtllm", "verify_parallel"} <= ran
+    assert not ran & {"weights", "export_onnx", "calibrate", "evaluate"}
+    verify = json.loads((project / "metrics/verify_parallel.json").read_text())
+    assert verify["layout"] == {"tp": 2, "pp": 2, "world_size": 4}
+    for fmt in ("ft", "trtllm"):
+        assert verify[fmt]["logits_max_abs_diff"] <= 1e-4 and verify[fmt]["generation_token_exact"] == 1
+    assert (project / "artifacts/ft/2-gpu/config.ini").is_file()
+    assert sorted(p.name for p in (project / "artifacts/trtllm").glob("rank*.safetensors")) == [
+        f"rank{r}.safetensors" for r in range(4)]
+
+
+def test_calibration_method_switch_reruns_calibration_and_what_reads_it(project, first_repro):
+    ran = _exp_run(project, "calibration=entropy")
+    assert {"calibrate", "evaluate"} <= ran and not ran & {"weights", "export_onnx", "convert_ft", "verify_parallel"}
+    accuracy = json.loads((project / "metrics/evaluate.json").read_text())
+    assert accuracy["onnx_int8"]["gate_pass"] == 1

@@ -18,8 +18,9 @@ def test_report_from_real_benchmark_results(tmp_path, tiny_model_dir):
     raw = {"torch": runner.benchmark_backend(backend, bench, vocab_size=512)}
     results.write_results(raw, tmp_path / "b.json", tmp_path / "c.json", tmp_path / "runs.csv")
     atomic_write_json(tmp_path / "w.json", {"parameter_count": 254528, "bytes": 1000, "seconds": 0.1})
-    built = report.build(tmp_path / "b.json", tmp_path / "c.json", tmp_path / "runs.csv", tmp_path / "w.json",
-                         tiny_model_dir, tmp_path / "reports")
+    inputs = report.ReportInputs(tmp_path / "b.json", tmp_path / "c.json", tmp_path / "runs.csv", tmp_path / "w.json",
+                                 tiny_model_dir)
+    built = report.build(inputs, tmp_path / "reports")
     assert built["files"] == ["report.md", "latency.png", "throughput.png", "tpot_distribution.png"]
     md = (tmp_path / "reports/report.md").read_text()
     assert "| bs2_in8_out3 |" in md and "254,528 parameters" in md and "![latency.png](latency.png)" in md
@@ -29,6 +30,6 @@ def test_report_from_real_benchmark_results(tmp_path, tiny_model_dir):
 
 def test_report_names_the_missing_input(tmp_path, tiny_model_dir):
     with pytest.raises(PipelineError, match=r"b.json: missing; run the stage that writes it"):
-        report.build(tmp_path / "b.json", tmp_path / "c.json", tmp_path / "runs.csv", tmp_path / "w.json",
-                     tiny_model_dir, tmp_path / "reports")
+        report.build(report.ReportInputs(tmp_path / "b.json", tmp_path / "c.json", tmp_path / "runs.csv",
+                                         tmp_path / "w.json", tiny_model_dir), tmp_path / "reports")
     assert not (tmp_path / "reports").exists()

@@ -52,6 +52,7 @@ def test_preset_is_bit_identical_across_runs(tiny_model_dir, default_cfg, tmp_pa
 def test_manifest_describes_the_artifact(tiny_model_dir):
     manifest = artifacts.verify_manifest(tiny_model_dir)
     assert manifest["source"] == "preset" and manifest["model"] == "tiny" and manifest["seed"] == 1234
+    assert manifest["training"]["steps"] == 150 and manifest["training"]["loss_last"] < manifest["training"]["loss_first"]
     assert manifest["parameter_count"] == 254_528
     assert {f["path"] for f in manifest["files"]} >= {"config.json", "model.safetensors", "tokenizer.json"}
     assert manifest["config"]["num_key_value_heads"] == 2 and manifest["versions"]["torch"]
@@ -164,7 +165,7 @@ def test_sharded_presets_write_an_index(default_cfg, tmp_path, monkeypatch):
     from transformers import LlamaForCausalLM
 
     monkeypatch.setattr(random_init, "SHARD_BYTES", 300_000)
-    manifest = weights.build(default_cfg.model, tmp_path / "sharded")
+    manifest = weights.build(dataclasses.replace(default_cfg.model, train_steps=0), tmp_path / "sharded")
     names = sorted(f["path"] for f in manifest["files"])
     assert "model.safetensors.index.json" in names and "model-00001-of-00004.safetensors" in names
     index = json.loads((tmp_path / "sharded" / "model.safetensors.index.json").read_text())
@@ -175,7 +176,7 @@ def test_sharded_presets_write_an_index(default_cfg, tmp_path, monkeypatch):
 
 def test_random_preset_with_source_tokenizer_has_none_and_says_so(default_cfg, tmp_path):
     # e.g. `model=llama3-8b model.source=preset`: real shape, random weights, no checkpoint tokenizer.
-    preset = dataclasses.replace(default_cfg.model, tokenizer="source")
+    preset = dataclasses.replace(default_cfg.model, tokenizer="source", train_steps=0)
     manifest = weights.build(preset, tmp_path / "out")
     assert manifest["tokenizer"] is False and not (tmp_path / "out/tokenizer.json").exists()
     assert manifest["parameter_count"] == 254_528

@@ -16,6 +16,7 @@ class Backend(ABC):
     name: ClassVar[str]
     # True: the benchmark launches the worker under torchrun with parallel.tp * parallel.pp ranks.
     distributed: ClassVar[bool] = False
+    supported_precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "bf16")
 
     def __init__(self, model_dir: Path, precision: PrecisionConfig, hardware: HardwareConfig):
         self.model_dir = Path(model_dir)

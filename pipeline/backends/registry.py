@@ -12,6 +12,7 @@ from pipeline.errors import PipelineError
 BACKENDS: dict[str, str] = {
     "torch": "pipeline.backends.torch_eager:TorchEagerBackend",
     "torch-tp": "pipeline.backends.torch_tp:TorchTPBackend",
+    "onnxruntime": "pipeline.backends.onnxruntime:OnnxRuntimeBackend",
 }
 
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
+from pipeline.progress import console
 
 
 def worker_command(name: str, params_path: Path, model_dir: Path, result_path: Path, world_size: int) -> list[str]:
@@ -34,6 +35,19 @@ def run_backend_in_subprocess(name: str, params_path: Path, model_dir: Path, wor
         return json.loads(result_path.read_text())
 
 
-def run_all(cfg: PipelineConfig, params_path: Path, model_dir: Path) -> dict[str, dict[str, Any]]:
-    return {name: run_backend_in_subprocess(name, params_path, model_dir, cfg.parallel.world_size)
-            for name in cfg.benchmark.backends}
+def run_all(cfg: PipelineConfig, params_path: Path, model_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Run every configured backend that supports precision.name; returns (results, {skipped: why})."""
+    from pipeline.backends.registry import load_backend_class
+
+    results, skipped = {}, {}
+    for name in cfg.benchmark.backends:
+        supported = load_backend_class(name).supported_precisions
+        if cfg.precision.name not in supported:
+            skipped[name] = f"precision.name={cfg.precision.name} not supported (runs {', '.join(supported)})"
+            console.print(f"[yellow]benchmark: skipping backend {name}: {skipped[name]}[/yellow]")
+            continue
+        results[name] = run_backend_in_subprocess(name, params_path, model_dir, cfg.parallel.world_size)
+    if not results:
+        raise PipelineError(f"precision.name={cfg.precision.name}: none of benchmark.backends="
+                            f"{list(cfg.benchmark.backends)} can run it ({'; '.join(f'{k}: {v}' for k, v in skipped.items())})")
+    return results, skipped

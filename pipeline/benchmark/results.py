@@ -14,7 +14,7 @@ RUN_COLUMNS = ["backend", "scenario", "batch_size", "prompt_length", "output_len
 
 
 def write_results(results: dict[str, dict[str, Any]], metrics_path: Path, conditions_path: Path,
-                  runs_path: Path) -> dict[str, Any]:
+                  runs_path: Path, skipped: dict[str, str] | None = None) -> dict[str, Any]:
     metrics = {name: r["metrics"] for name, r in results.items()}
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=RUN_COLUMNS, lineterminator="\n")
@@ -22,7 +22,9 @@ def write_results(results: dict[str, dict[str, Any]], metrics_path: Path, condit
     for r in results.values():
         writer.writerows(r["rows"])
     atomic_write_text(runs_path, buffer.getvalue())
-    atomic_write_json(conditions_path, {name: r["conditions"] for name, r in results.items()})
+    conditions = {name: r["conditions"] for name, r in results.items()}
+    conditions.update({name: {"skipped": why} for name, why in (skipped or {}).items()})
+    atomic_write_json(conditions_path, conditions)
     atomic_write_json(metrics_path, metrics)
     return metrics
 
