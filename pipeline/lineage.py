@@ -72,6 +72,10 @@ def dependency_hashes(stage: str) -> dict[str, str]:
             for dep in found[0].deps:
                 if isinstance(dep, ParamsDependency):
                     continue  # their values are logged as params
+                # A stage not yet in dvc.lock loads its deps with DVC 2's "md5-dos2unix" name, which hashes
+                # binary files differently; DVC 3 writes plain md5 to dvc.lock for new entries.
+                if dep.hash_name == "md5-dos2unix":
+                    dep.hash_name = "md5"
                 hashes[str(dep.def_path)] = str(dep.get_hash().value or "unknown")
             return hashes
     except Exception as e:  # lineage must never fail a stage; say what is missing instead

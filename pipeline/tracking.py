@@ -80,7 +80,6 @@ def stage_run(stage: str, cfg: PipelineConfig) -> Iterator[StageRun]:
     tags = {"dvc.stage": stage, **lineage.git_state()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-    tags.update({f"dvc.dep.{path}": md5 for path, md5 in lineage.dependency_hashes(stage).items()})
     record = StageRecord(stage=stage, params=flatten(cfg.to_dict()), tags=tags, invocation=key,
                          invocation_name=name, start_ms=_now_ms())
     run = StageRun(record)
@@ -95,6 +94,8 @@ def stage_run(stage: str, cfg: PipelineConfig) -> Iterator[StageRun]:
     finally:
         record.end_ms = _now_ms()
         if cfg.tracking.enabled:
+            # Hashed when the stage ends, as DVC does for dvc.lock right after the command exits.
+            record.tags.update({f"dvc.dep.{p}": md5 for p, md5 in lineage.dependency_hashes(stage).items()})
             publish_or_defer(record, cfg.tracking)
 
 

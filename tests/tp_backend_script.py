@@ -1,0 +1,27 @@
+"""Run under torchrun by tests/test_backend_torch_tp.py: greedy tokens of the torch-tp backend (rank 0 writes)."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from pipeline.backends.torch_tp import TorchTPBackend
+from pipeline.config import HardwareConfig, PrecisionConfig
+
+
+def main(model_dir: str, out: str) -> None:
+    backend = TorchTPBackend(Path(model_dir), PrecisionConfig("fp32"), HardwareConfig("cpu"))
+    backend.load()
+    prompt = torch.randint(2, 512, (3, 9), generator=torch.Generator().manual_seed(0))
+    backend.prepare(3, 9 + 6)
+    tokens = [backend.prefill(prompt)]
+    for _ in range(5):
+        tokens.append(backend.decode(tokens[-1]))
+    if backend.is_reporting_rank:
+        Path(out).write_text(json.dumps(torch.stack(tokens, dim=1).tolist()))
+    backend.close()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
