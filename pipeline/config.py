@@ -13,7 +13,7 @@ from typing import Any, Optional
 
 import yaml
 from omegaconf import OmegaConf
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException, ValidationError
+from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
 from pipeline.errors import ConfigError
 

@@ -14,7 +14,6 @@ Exported with `torch.onnx.export(dynamo=True)` around a wrapper with flat past/p
 from __future__ import annotations
 
 import tempfile
-import time
 from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
@@ -264,9 +263,7 @@ def export_onnx(model_dir: Path, out_dir: Path, *, opset: int = MIN_OPSET, promp
     external = param_bytes > EXTERNAL_DATA_BYTES
     with artifacts.atomic_dir(out_dir) as tmp:
         path = tmp / MODEL_FILE
-        t0 = time.perf_counter()
         _torch_export(model, path, opset, external)
-        export_s = time.perf_counter() - t0
         try:
             onnx.checker.check_model(str(path), full_check=True)  # by path: works past 2 GB
         except Exception as e:
@@ -289,7 +286,7 @@ def export_onnx(model_dir: Path, out_dir: Path, *, opset: int = MIN_OPSET, promp
             external_data=external, attn_implementation=attn_implementation, parity_inputs=parity_inputs,
             inputs=input_names(cfg.num_hidden_layers), outputs=output_names(cfg.num_hidden_layers),
             dynamic_dims=["batch", "seq", "past_seq", "total_seq"],
-            metrics={**metrics, "export_s": round(export_s, 3), "nodes_before": sum(ops_before.values()),
+            metrics={**metrics, "nodes_before": sum(ops_before.values()),
                      "nodes_after_ort": sum(ops_after.values())},
             graph={"ops_before": ops_before, "ops_after_ort": ops_after, "ort_optimization": ort_optimization},
             versions=library_versions())

@@ -35,7 +35,7 @@ def _plot_latency(metrics: dict[str, Any], out: Path) -> None:
         for i, backend in enumerate(backends):
             p50 = [metrics[backend][s][f"{name}_p50"] for s in scenarios]
             p99 = [metrics[backend][s][f"{name}_p99"] for s in scenarios]
-            bars = ax.bar(x + i * width, p50, width, label=f"{backend} p50")
+            ax.bar(x + i * width, p50, width, label=f"{backend} p50")
             ax.scatter(x + i * width, p99, marker="_", s=300, linewidths=2.5, color="black", zorder=3,
                        label=f"{backend} p99" if i == 0 else None)
         ax.set_xticks(x + width * (len(backends) - 1) / 2, scenarios, rotation=20, ha="right", fontsize=8)
@@ -118,7 +118,7 @@ def _export_section(export: dict[str, Any], graph: dict[str, Any]) -> list[str]:
              f"ONNX vs torch fp32 logits: prefill max-abs-diff {export['prefill_max_abs_diff']:.3g} "
              f"(top-1 {export['prefill_top1_agreement']:.4f}), decode step with past KV "
              f"{export['decode_max_abs_diff']:.3g} (top-1 {export['decode_top1_agreement']:.4f}); "
-             f"export took {_fmt(export['export_s'])} s.", "",
+             f"the stage (export + checks) took {_fmt(export['stage_s'])} s.", "",
              f"Graph nodes: {export['nodes_before']} exported, {export['nodes_after_ort']} after onnxruntime's "
              f"`{graph.get('ort_optimization')}` optimizations (see onnx_ops.png).", "",
              "| op type | exported | after ORT |", "|---|---|---|"]

@@ -68,7 +68,8 @@ def build(model: ModelConfig, out_dir: Path) -> dict[str, Any]:
             resolved_revision=resolved_revision,
             local_dir=model.local_dir,
             seed=model.seed if model.source == "preset" else None,
-            training=training,
+            # train_s stays out: the manifest must not change when nothing but the clock did.
+            training={k: v for k, v in training.items() if k != "train_s"} if training else None,
             dtype=model.dtype if model.source == "preset" else raw_config.get("dtype", raw_config.get("torch_dtype")),
             parameter_count=parameter_count(tmp),
             tokenizer=(tmp / "tokenizer.json").is_file(),

@@ -8,14 +8,18 @@ from stages._main import run
 def main() -> None:
     cfg = config.load(paths.PARAMS)
     with tracking.stage_run("export_onnx", cfg) as stage:
+        import time
+
         from pipeline.export import export_onnx
 
+        t0 = time.perf_counter()
         manifest = export_onnx(paths.WEIGHTS_DIR, paths.ONNX_DIR, opset=cfg.export.opset,
                                parity_atol=cfg.export.parity_atol, ort_optimization=cfg.export.ort_optimization,
                                attn_implementation=cfg.export.attn_implementation)
-        atomic_write_json(paths.EXPORT_METRICS, manifest["metrics"])
+        metrics = {**manifest["metrics"], "stage_s": round(time.perf_counter() - t0, 2)}
+        atomic_write_json(paths.EXPORT_METRICS, metrics)
         atomic_write_json(paths.ONNX_GRAPH, manifest["graph"])
-        stage.log_metrics(manifest["metrics"])
+        stage.log_metrics(metrics)
         stage.log_manifest(paths.ONNX_DIR)
         stage.log_artifact(paths.ONNX_GRAPH, "export_onnx")
 

@@ -43,6 +43,8 @@ def test_preset_is_bit_identical_across_runs(tiny_model_dir, default_cfg, tmp_pa
     first = artifacts.read_manifest(tiny_model_dir)
     digest = {f["path"]: f["sha256"] for f in first["files"]}
     assert {f["path"]: f["sha256"] for f in again["files"]} == digest
+    # The manifest too (no timestamps), so a rebuild changes nothing DVC would rerun downstream.
+    assert (tmp_path / "again/manifest.json").read_bytes() == (tiny_model_dir / "manifest.json").read_bytes()
     other_seed = dataclasses.replace(default_cfg.model, seed=7)
     changed = weights.build(other_seed, tmp_path / "seed7")
     changed_digest = {f["path"]: f["sha256"] for f in changed["files"]}
