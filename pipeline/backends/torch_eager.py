@@ -12,7 +12,6 @@ from pipeline.errors import PipelineError
 
 class TorchEagerBackend(Backend):
     name = "torch"
-    supported_precisions = ("fp32", "fp16", "bf16")
 
     def load(self) -> None:
         from transformers import LlamaForCausalLM

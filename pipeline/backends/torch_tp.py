@@ -19,7 +19,6 @@ from pipeline.paths import TRTLLM_DIR
 
 class TorchTPBackend(Backend):
     name = "torch-tp"
-    supported_precisions = ("fp32", "fp16", "bf16")
     distributed = True
 
     def load(self) -> None:
