@@ -55,7 +55,10 @@ def _backfill(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description=__doc__)
+    # The usage line names how the user started it: the `llama3-pipeline` console script or `python -m pipeline`.
+    script = Path(sys.argv[0]).name
+    prog = "python -m pipeline" if script in ("__main__.py", "-c") else script
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("compose", help="compose conf/ (+ Hydra overrides) into params.yaml")
     p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. precision=bf16 parallel.tp=2")

@@ -1,6 +1,6 @@
 """INT8 static quantization of the exported decoder with onnxruntime (QDQ, TensorRT-compatible settings).
 
-Settings that follow from REFERENCE.md (INT8):
+Settings that follow from what was measured and from TensorRT's explicit-quantization rules:
 - weights QInt8 per channel, activations QInt8 *symmetric* (every zero point 0: TensorRT's parser
   rejects non-zero zero points, and ORT's defaults are asymmetric QUInt8);
 - standard ONNX Q/DQ only (no com.microsoft contrib Q/DQ);
@@ -17,6 +17,7 @@ zero_point for every quantized activation. It is *not* a TensorRT calibration ca
 from __future__ import annotations
 
 import ast
+import hashlib
 import json
 import logging
 import math
@@ -29,12 +30,12 @@ import numpy as np
 from pipeline import artifacts
 from pipeline.errors import PipelineError
 from pipeline.model.tokenizer import CORPUS
+from pipeline.onnx_io import MODEL_FILE
 from pipeline.progress import progress_bar
 from pipeline.versions import library_versions
 
 METHODS = ("minmax", "entropy", "percentile")
 TABLE_FILE = "calibration.json"
-MODEL_FILE = "model.onnx"
 RANDOM_IDS = "random-ids (no tokenizer)"  # settings["dataset"] when model_dir has no tokenizer
 
 
@@ -74,7 +75,7 @@ def load_calibration_text(corpus_path: Path = CORPUS, dataset: str | None = None
 def calibration_windows(model_dir: Path, text: str, *, num_samples: int, seq_len: int, seed: int) -> np.ndarray:
     """num_samples token windows of seq_len + 1 tokens (prefill + one decode token) at seeded random,
     distinct offsets in the tokenized text -> int64 [num_samples, seq_len + 1]."""
-    from pipeline.export import load_tokenizer
+    from pipeline.model.hf import load_tokenizer
 
     ids = np.asarray(load_tokenizer(model_dir)(text).input_ids, dtype=np.int64)
     starts = len(ids) - seq_len  # offsets that leave room for seq_len + 1 tokens
@@ -92,7 +93,7 @@ def calibration_windows(model_dir: Path, text: str, *, num_samples: int, seq_len
 def random_windows(model_dir: Path, *, num_samples: int, seq_len: int, seed: int) -> np.ndarray:
     """For a model directory without a tokenizer: seeded uniform ids in [0, vocab_size) ->
     int64 [num_samples, seq_len + 1]. Ranges then reflect random tokens, not text."""
-    from pipeline.export import random_token_ids
+    from pipeline.model.hf import random_token_ids
 
     return random_token_ids(model_dir, (num_samples, seq_len + 1), seed)
 
@@ -100,7 +101,7 @@ def random_windows(model_dir: Path, *, num_samples: int, seq_len: int, seed: int
 def build_feeds(session, windows: np.ndarray, batch_size: int) -> list[dict[str, np.ndarray]]:
     """Prefill feeds (seq_len tokens, empty past) and decode feeds (the next token on the fp32 model's
     own presents), interleaved per batch."""
-    from pipeline.export import empty_past_feeds
+    from pipeline.onnx_io import empty_past_feeds
 
     past_names = [o.name.replace("present.", "past_key_values.") for o in session.get_outputs()[1:]]
     seq_len = windows.shape[1] - 1
@@ -235,7 +236,7 @@ def load_calibration_table(path: Path) -> dict[str, dict[str, float]]:
 
 class _DropPreprocessHint(logging.Filter):
     # quantize_static warns twice per call that pre-processing (shape inference) was skipped; it is
-    # optional (stack-recipes.md §5) and the warning would only add noise to DVC logs.
+    # optional for a QDQ MatMul model (the shapes are dynamic anyway) and would only add noise to DVC logs.
     def filter(self, record: logging.LogRecord) -> bool:
         return "pre-processing" not in record.getMessage()
 
@@ -249,16 +250,19 @@ def quantize(onnx_path: Path, model_dir: Path, out_dir: Path, *, method: str = "
     """Calibrate and quantize onnx_path into out_dir/{model.onnx[, .data], calibration.json, manifest.json};
     return the manifest. Every check runs before out_dir is touched; on failure no new output appears
     (and a previous out_dir is left as it was). A model_dir without tokenizer.json (a random preset) is
-    calibrated on seeded random ids (settings["dataset"] = RANDOM_IDS); naming a dataset then fails."""
+    calibrated on seeded random ids (settings["dataset"] = RANDOM_IDS); naming a dataset then fails.
+    Otherwise settings["dataset"] names the text (the dataset, or the corpus file's name) and
+    settings["text_sha256"] pins it. The manifest records no paths, so it is the same in every checkout."""
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.calibrate import load_tensors_data
 
-    from pipeline.export import has_tokenizer, ort_session
+    from pipeline.model.hf import has_tokenizer, read_config
+    from pipeline.onnx_io import ort_session
 
     onnx_path, out_dir = Path(onnx_path), Path(out_dir)
     if not onnx_path.is_file():
-        raise PipelineError(f"{onnx_path}: not found; run the export stage first (dvc repro export)")
+        raise PipelineError(f"{onnx_path}: not found; run the export stage first (dvc repro export_onnx)")
     if method not in METHODS:
         raise PipelineError(f"calibration.method must be one of {', '.join(METHODS)}; got {method!r}")
     for key, value in (("num_samples", num_samples), ("seq_len", seq_len), ("batch_size", batch_size)):
@@ -266,10 +270,9 @@ def quantize(onnx_path: Path, model_dir: Path, out_dir: Path, *, method: str = "
             raise PipelineError(f"calibration.{key} must be >= 1, got {value}")
     if not 0 < percentile <= 100:
         raise PipelineError(f"calibration.percentile must be in (0, 100], got {percentile}")
-    config_path = Path(model_dir) / "config.json"
-    if not config_path.is_file():
-        raise PipelineError(f"{config_path}: not found; run the weights stage first (dvc repro weights)")
-    max_pos = json.loads(config_path.read_text())["max_position_embeddings"]
+    max_pos = read_config(model_dir).get("max_position_embeddings")
+    if not isinstance(max_pos, int):
+        raise PipelineError(f"{model_dir}/config.json: max_position_embeddings is {max_pos!r}, expected an integer")
     if seq_len + 1 > max_pos:
         raise PipelineError(f"calibration.seq_len={seq_len} plus one decode step exceeds max_position_embeddings="
                             f"{max_pos} ({model_dir}/config.json)")
@@ -302,10 +305,13 @@ def quantize(onnx_path: Path, model_dir: Path, out_dir: Path, *, method: str = "
     if tokenized:
         text = load_calibration_text(corpus_path, dataset, dataset_config, dataset_split, text_column)
         windows = calibration_windows(model_dir, text, num_samples=num_samples, seq_len=seq_len, seed=seed)
-        source = dataset or str(corpus_path)
+        # Named, not located: an absolute path would make the manifest differ between checkouts. The
+        # text's sha256 pins what was read.
+        source = dataset or Path(corpus_path).name
+        text_sha256 = hashlib.sha256(text.encode()).hexdigest()
     else:
         windows = random_windows(model_dir, num_samples=num_samples, seq_len=seq_len, seed=seed)
-        source = RANDOM_IDS
+        source, text_sha256 = RANDOM_IDS, None
     feeds = build_feeds(ort_session(onnx_path), windows, batch_size)
 
     extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "UseQDQContribOps": False,
@@ -346,9 +352,9 @@ def quantize(onnx_path: Path, model_dir: Path, out_dir: Path, *, method: str = "
                     "batch_size": batch_size, "op_types": list(op_types), "nodes_to_exclude": list(nodes_to_exclude),
                     "quantize_outputs": quantize_outputs, "weight_matmuls_only": weight_matmuls_only,
                     "percentile": percentile if method == "percentile" else None,
-                    "smoothquant_alpha": smoothquant_alpha, "dataset": source}
+                    "smoothquant_alpha": smoothquant_alpha, "dataset": source, "text_sha256": text_sha256}
         manifest = artifacts.write_manifest(
-            tmp, kind="onnx-int8-qdq", source_onnx=str(onnx_path), source_sha256=artifacts.sha256_file(onnx_path),
+            tmp, kind="onnx-int8-qdq", source_sha256=artifacts.sha256_file(onnx_path),
             settings=settings, quant_format="QDQ", activation_type="QInt8 symmetric",
             weight_type="QInt8 symmetric per-channel",
             metrics={"calibration_feeds": len(feeds), "quantized_activations": len(table),

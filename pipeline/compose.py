@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -33,6 +34,10 @@ def compose_dict(conf_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any
     except (HydraException, OmegaConfBaseException) as e:
         # Hydra appends its search path to every message; the first part is what the user needs.
         message = " ".join(str(e).split()).split(" Config search path")[0]
+        unknown = re.match(r"Could not override '([^']+)'", message)
+        if unknown:
+            # Hydra would advise adding the key with `+`; a mistyped key needs the closest valid one instead.
+            raise ConfigError(f"override: {config.unknown_key_message(unknown.group(1))}") from None
         raise ConfigError(f"conf/: {message}") from None
 
 

@@ -7,6 +7,7 @@ Every rejection is a ConfigError whose one-line message names the dotted key and
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -15,15 +16,15 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException, ValidationError
 
-from pipeline.errors import ConfigError
+from pipeline import paths
+from pipeline.backends.registry import BACKENDS
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.model.hf_config import SHAPE_KEYS
+from pipeline.parallel.mapping import CHECKPOINT_FORMATS, check_layout
+from pipeline.precision import FLOAT_PRECISIONS, PRECISIONS, STORAGE_DTYPES
 
 SOURCES = ("preset", "local", "hub")
-# int8 = the ONNX INT8 (QDQ) path: backends that cannot run it are skipped, and say so.
-PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "int8": None}
-STORAGE_DTYPES = ("float32", "float16", "bfloat16")
 DEVICES = ("cpu", "cuda")
-CONVERT_DTYPES = ("fp32", "fp16", "bf16")
-CHECKPOINT_FORMATS = ("ft", "trtllm")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TOKENIZERS = ("embedded", "source")
 
@@ -60,13 +61,6 @@ class RopeScaling:
         _check_positive("model.rope_scaling.original_max_position_embeddings", self.original_max_position_embeddings)
 
 
-# Architecture keys: required for `preset`, optional for `local`/`hub` (then read from config.json).
-SHAPE_KEYS = (
-    "vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-    "max_position_embeddings",
-)
-
-
 @dataclass
 class ModelConfig:
     name: str = "tiny"
@@ -75,7 +69,9 @@ class ModelConfig:
     revision: Optional[str] = None
     local_dir: Optional[str] = None
     seed: int = 1234
-    dtype: str = "float32"
+    # Storage dtype of random-init weights (source=preset). local/hub weights are copied as stored: null, or
+    # the dtype they are stored in (the weights stage checks); precision.name sets the compute dtype.
+    dtype: Optional[str] = "float32"
     tokenizer: str = "embedded"
     vocab_size: Optional[int] = None
     hidden_size: Optional[int] = None
@@ -99,7 +95,10 @@ class ModelConfig:
         _check_positive("model.train_steps", self.train_steps, 0)
         if self.train_lr <= 0:
             _fail("model.train_lr", f"must be > 0, got {self.train_lr}")
-        _check_choice("model.dtype", self.dtype, STORAGE_DTYPES)
+        if self.source == "preset" and self.dtype is None:
+            _fail("model.dtype", f"is required when model.source=preset (one of {', '.join(STORAGE_DTYPES)})")
+        if self.dtype is not None:
+            _check_choice("model.dtype", self.dtype, STORAGE_DTYPES)
         _check_choice("model.tokenizer", self.tokenizer, TOKENIZERS)
         if self.source == "hub" and not self.hub_id:
             _fail("model.hub_id", "is required when model.source=hub (e.g. meta-llama/Meta-Llama-3-8B)")
@@ -139,12 +138,6 @@ class PrecisionConfig:
     def validate(self) -> None:
         _check_choice("precision.name", self.name, tuple(PRECISIONS))
 
-    @property
-    def torch_dtype_name(self) -> str:
-        if PRECISIONS[self.name] is None:
-            raise ConfigError(f"precision.name={self.name} has no torch dtype; this backend cannot run it")
-        return PRECISIONS[self.name]
-
 
 @dataclass
 class ParallelConfig:
@@ -171,8 +164,6 @@ class BenchmarkConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        from pipeline.backends.registry import BACKENDS
-
         if not self.backends:
             _fail("benchmark.backends", f"must name at least one backend ({', '.join(BACKENDS)})")
         for i, name in enumerate(self.backends):
@@ -196,16 +187,24 @@ class ExportConfig:
     """Stage export_onnx (torch.onnx.export, dynamo) -> artifacts/onnx/model.onnx with KV cache."""
 
     opset: int = 18
-    parity_atol: float = 1e-3  # the stage fails when ONNX and torch logits differ by more
+    # The stage fails when ONNX and torch logits differ by more; null = the fp32 tolerance of the precision
+    # table (pipeline/precision.py).
+    parity_atol: Optional[float] = None
     ort_optimization: str = "all"  # level whose node counts are recorded next to the raw graph's
     attn_implementation: str = "sdpa"
 
     def validate(self) -> None:
         _check_positive("export.opset", self.opset, 18)
-        if self.parity_atol <= 0:
-            _fail("export.parity_atol", f"must be > 0, got {self.parity_atol}")
+        if self.parity_atol is not None and not self.parity_atol > 0:
+            _fail("export.parity_atol", f"must be > 0 or null, got {self.parity_atol}")
+
         _check_choice("export.ort_optimization", self.ort_optimization, ("basic", "extended", "all"))
         _check_choice("export.attn_implementation", self.attn_implementation, ("sdpa", "eager"))
+
+    @property
+    def atol(self) -> float:
+        """The export is fp32: export.parity_atol, else the precision table's fp32 tolerance."""
+        return self.parity_atol if self.parity_atol is not None else PRECISIONS["fp32"].logits_atol
 
 
 @dataclass
@@ -272,7 +271,7 @@ class EvaluateConfig:
         if "fp32" not in self.torch_precisions:
             _fail("evaluate.torch_precisions", "must include fp32 (the reference)")
         for i, p in enumerate(self.torch_precisions):
-            _check_choice(f"evaluate.torch_precisions[{i}]", p, CONVERT_DTYPES)
+            _check_choice(f"evaluate.torch_precisions[{i}]", p, FLOAT_PRECISIONS)
         if self.gate.max_ppl_delta_pct < 0:
             _fail("evaluate.gate.max_ppl_delta_pct", f"must be >= 0, got {self.gate.max_ppl_delta_pct}")
         if not 0 <= self.gate.min_top1 <= 1:
@@ -291,15 +290,15 @@ class ConvertConfig:
 
     def validate(self) -> None:
         for i, name in enumerate(self.formats):
-            _check_choice(f"convert.formats[{i}]", name, CHECKPOINT_FORMATS)
+            _check_choice(f"convert.formats[{i}]", name, tuple(CHECKPOINT_FORMATS))
         if self.dtype is not None:
-            _check_choice("convert.dtype", self.dtype, CONVERT_DTYPES)
+            _check_choice("convert.dtype", self.dtype, FLOAT_PRECISIONS)
         _check_choice("convert.ft_int8_mode", self.ft_int8_mode, (0, 1))
         if self.trtllm_quant is not None:
             _check_choice("convert.trtllm_quant", self.trtllm_quant, ("W8A16",))
 
     def resolved_dtype(self, precision: "PrecisionConfig") -> str:
-        return self.dtype or (precision.name if precision.name in CONVERT_DTYPES else "fp32")
+        return self.dtype or (precision.name if precision.name in FLOAT_PRECISIONS else "fp32")
 
 
 @dataclass
@@ -310,7 +309,9 @@ class VerifyConfig:
     prompt_length: int = 12
     max_new_tokens: int = 8
     seed: int = 0
-    max_abs_diff: float = 1e-4  # gate for fp32 checkpoints; lower precisions are gated on top-1 only
+    # Gate on logits for fp32 checkpoints (lower precisions are gated on top-1 only); null = the fp32
+    # tolerance of the precision table (pipeline/precision.py).
+    max_abs_diff: Optional[float] = None
     min_top1: float = 0.95
     on_fail: str = "error"  # error | warn
     timeout_s: float = 600.0
@@ -318,13 +319,21 @@ class VerifyConfig:
     def validate(self) -> None:
         for key in ("num_prompts", "prompt_length", "max_new_tokens"):
             _check_positive(f"verify.{key}", getattr(self, key))
-        if self.max_abs_diff <= 0:
-            _fail("verify.max_abs_diff", f"must be > 0, got {self.max_abs_diff}")
+        if self.max_abs_diff is not None and not self.max_abs_diff > 0:
+            _fail("verify.max_abs_diff", f"must be > 0 or null, got {self.max_abs_diff}")
+
         if not 0 <= self.min_top1 <= 1:
             _fail("verify.min_top1", f"must be in [0, 1], got {self.min_top1}")
         _check_choice("verify.on_fail", self.on_fail, ("error", "warn"))
         if self.timeout_s <= 0:
             _fail("verify.timeout_s", f"must be > 0, got {self.timeout_s}")
+
+    def atol(self, dtype: str) -> float | None:
+        """Logits gate for a checkpoint of `dtype`: verify.max_abs_diff for fp32 when set, else the precision
+        table's tolerance (None: gated on top-1 agreement only)."""
+        if dtype == "fp32" and self.max_abs_diff is not None:
+            return self.max_abs_diff
+        return PRECISIONS[dtype].logits_atol
 
 
 @dataclass
@@ -371,13 +380,13 @@ class PipelineConfig:
             section.validate()
         if self.model.rope_scaling is not None:
             self.model.rope_scaling.validate()
-        check_parallel(self.parallel, self.model.num_heads, self.model.num_kv_heads, self.model.num_layers)
-        kv = self.model.num_kv_heads
-        if kv and self.parallel.tp > kv and "ft" in self.convert.formats:
-            # TensorRT-LLM replicates KV heads across ranks; FasterTransformer cannot (REFERENCE.md).
-            _fail("parallel.tp", f"must be <= model.num_kv_heads={kv} while convert.formats includes ft "
-                  f"(FasterTransformer cannot replicate KV heads); got {self.parallel.tp}: use a smaller tp or "
-                  f"convert.formats=[trtllm]")
+        m = self.model
+        try:
+            check_layout(self.parallel.tp, self.parallel.pp, num_heads=m.num_heads, num_kv_heads=m.num_kv_heads,
+                         num_layers=m.num_layers, intermediate_size=m.intermediate_size, formats=self.convert.formats)
+        except PipelineError as e:
+            raise ConfigError(str(e)) from None
+        self._check_backends()
         if self.model.max_position_embeddings and self.calibration.seq_len + 1 > self.model.max_position_embeddings:
             _fail("calibration.seq_len", f"(+1 decode step) exceeds model.max_position_embeddings="
                   f"{self.model.max_position_embeddings}, got {self.calibration.seq_len}")
@@ -392,25 +401,28 @@ class PipelineConfig:
                       f"plus benchmark.output_length ({longest} tokens) exceed model.max_position_embeddings="
                       f"{self.model.max_position_embeddings}")
 
+    def _check_backends(self) -> None:
+        """What the backend registry declares: a precision x device that none of benchmark.backends can run is
+        rejected here, not inside the benchmark; a backend whose artifact convert.formats leaves out too.
+        Backends that cannot run a precision others can (torch at int8) are skipped and recorded."""
+        precision, device = self.precision.name, self.hardware.device
+        problems = {name: BACKENDS[name].cannot_run(precision, device) for name in self.benchmark.backends}
+        if all(problems.values()):
+            runnable = [n for n, s in BACKENDS.items() if not s.cannot_run(precision, device)]
+            raise ConfigError(f"benchmark.backends={list(self.benchmark.backends)}: none can run precision.name="
+                              f"{precision} on hardware.device={device} ({'; '.join(problems.values())}); backends "
+                              f"that can: {', '.join(runnable) or 'none'}")
+        for i, name in enumerate(self.benchmark.backends):
+            if problems[name]:
+                continue
+            art = paths.ARTIFACTS[BACKENDS[name].artifact_for(precision)]
+            if art.convert_format and art.convert_format not in self.convert.formats:
+                raise ConfigError(f"benchmark.backends[{i}]={name} loads {art.path} (stage {art.stage}), which "
+                                  f"convert.formats={list(self.convert.formats)} does not make; add "
+                                  f"{art.convert_format} to convert.formats or drop {name}")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-
-def check_parallel(parallel: ParallelConfig, num_heads: int | None, num_kv_heads: int | None,
-                   num_layers: int | None) -> None:
-    """TP splits attention heads; KV heads are split too, or replicated when tp exceeds them (as
-    TensorRT-LLM does). PP splits the layer stack evenly. Also called once a local/hub config is known."""
-    tp, pp = parallel.tp, parallel.pp
-    if num_heads is not None and num_heads % tp:
-        _fail("parallel.tp", f"must divide model.num_heads={num_heads}; got {tp} (allowed: {_divisors(num_heads)})")
-    if num_kv_heads is not None and num_kv_heads % tp and tp % num_kv_heads:
-        _fail("parallel.tp", f"must divide model.num_kv_heads={num_kv_heads} or be a multiple of it; got {tp}")
-    if num_layers is not None and num_layers % pp:
-        _fail("parallel.pp", f"must divide model.num_layers={num_layers}; got {pp} (allowed: {_divisors(num_layers)})")
-
-
-def _divisors(n: int) -> str:
-    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
 
 
 def from_dict(raw: Any, source: str = "params.yaml") -> PipelineConfig:
@@ -439,11 +451,38 @@ def _reject_unknown_keys(raw: dict, schema: type, prefix: str) -> None:
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
         if key not in fields:
-            raise ConfigError(f"unknown key '{dotted}' (allowed under '{prefix.rstrip('.') or '<root>'}': "
-                              f"{', '.join(fields)})")
+            raise ConfigError(unknown_key_message(dotted))
         nested = _dataclass_type(fields[key].type)
         if nested is not None and isinstance(value, dict):
             _reject_unknown_keys(value, nested, f"{dotted}.")
+
+
+def schema_keys(schema: type = None, prefix: str = "") -> list[str]:
+    """Every dotted key the schema has, sections included ('model', 'model.dtype', ...)."""
+    keys = []
+    for f in dataclasses.fields(schema or PipelineConfig):
+        keys.append(prefix + f.name)
+        nested = _dataclass_type(f.type)
+        if nested is not None:
+            keys += schema_keys(nested, f"{prefix}{f.name}.")
+    return keys
+
+
+def unknown_key_message(dotted: str) -> str:
+    """`unknown key 'benchmark.batch_size'; did you mean 'benchmark.batch_sizes'?`: the closest valid key among
+    the siblings of the first part that does not exist, else the list of those siblings."""
+    known = set(schema_keys())
+    parts = dotted.split(".")
+    for depth in range(1, len(parts) + 1):
+        if ".".join(parts[:depth]) not in known:
+            break
+    section = ".".join(parts[:depth - 1])
+    siblings = [k.rsplit(".", 1)[-1] for k in schema_keys()
+                if k.count(".") == depth - 1 and (not section or k.startswith(section + "."))]
+    close = difflib.get_close_matches(parts[depth - 1], siblings, n=1, cutoff=0.6)
+    if close:
+        return f"unknown key '{dotted}'; did you mean '{'.'.join([*parts[:depth - 1], close[0]])}'?"
+    return f"unknown key '{dotted}' (allowed under '{section or '<root>'}': {', '.join(siblings)})"
 
 
 def _dataclass_type(annotation: Any) -> type | None:

@@ -56,7 +56,7 @@ def heldout_sequences(model_dir: Path, *, seq_len: int = 64, max_sequences: int 
     """Non-overlapping windows of seq_len tokens of the tokenized held-out text -> int64 [N, seq_len].
     Without model_dir/tokenizer.json: max_sequences (default RANDOM_SEQUENCES) seeded random id
     sequences in [0, vocab_size) instead."""
-    from pipeline.export import has_tokenizer, load_tokenizer, random_token_ids
+    from pipeline.model.hf import has_tokenizer, load_tokenizer, random_token_ids
 
     text_path = Path(text_path)
     if seq_len < 2:
@@ -82,7 +82,7 @@ def heldout_sequences(model_dir: Path, *, seq_len: int = 64, max_sequences: int 
 @torch.inference_mode()
 def torch_logits(model_dir: Path, sequences: np.ndarray, precision: str = "fp32") -> np.ndarray:
     """Logits of the Hugging Face model run in fp32, fp16 or bf16 (returned as float32)."""
-    from pipeline.export import load_hf_model
+    from pipeline.model.hf import load_hf_model
 
     if precision not in TORCH_DTYPES:
         raise PipelineError(f"evaluate: torch precision must be one of {', '.join(TORCH_DTYPES)}; got {precision!r}")
@@ -94,7 +94,7 @@ def torch_logits(model_dir: Path, sequences: np.ndarray, precision: str = "fp32"
 
 def onnx_logits(onnx_path: Path, sequences: np.ndarray, num_threads: int = 0) -> np.ndarray:
     """Logits of an exported decoder (fp32 or INT8 QDQ) through onnxruntime, empty past."""
-    from pipeline.export import empty_past_feeds, ort_session
+    from pipeline.onnx_io import empty_past_feeds, ort_session
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
@@ -159,7 +159,7 @@ def evaluate(model_dir: Path, *, onnx_models: dict[str, Path] | None = None,
     'torch_<precision>' and the keys of onnx_models (e.g. {'onnx_fp32': ..., 'onnx_int8': ...}).
     The reference itself ('torch_fp32') scores exactly ppl_delta 0, top-1 1, KL 0."""
     gate.validate()
-    from pipeline.export import has_tokenizer
+    from pipeline.model.hf import has_tokenizer
 
     sequences = heldout_sequences(model_dir, seq_len=seq_len, max_sequences=max_sequences, text_path=text_path)
     reference = torch_logits(model_dir, sequences, "fp32")
@@ -177,5 +177,6 @@ def evaluate(model_dir: Path, *, onnx_models: dict[str, Path] | None = None,
     return {"metrics": results, "reference_ppl": reference_ppl, "sequences": int(sequences.shape[0]),
             "seq_len": int(sequences.shape[1]),
             "scored_positions": int(sequences.shape[0] * (sequences.shape[1] - 1)),
-            "text": str(text_path) if has_tokenizer(model_dir) else RANDOM_TEXT,
+            # the file's name, not its path: the result (an MLflow tag) is then the same in every checkout
+            "text": Path(text_path).name if has_tokenizer(model_dir) else RANDOM_TEXT,
             "gate": {"max_ppl_delta_pct": gate.max_ppl_delta_pct, "min_top1": gate.min_top1, "mode": gate.mode}}

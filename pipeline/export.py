@@ -1,35 +1,42 @@
-"""Hugging Face Llama -> ONNX decoder with KV cache, checked against the torch reference.
+"""Hugging Face Llama -> ONNX decoder with KV cache (the interface in pipeline/onnx_io.py), checked
+against the torch reference.
 
-One graph serves prefill and decode. Its interface (the contract for calibrate, evaluate and the
-onnxruntime backend):
-
-    inputs   input_ids [batch, seq] int64, attention_mask [batch, past_seq + seq] int64,
-             position_ids [batch, seq] int64, past_key_values.{i}.key/.value [batch, kv_heads, past_seq, head_dim]
-    outputs  logits [batch, seq, vocab] float32, present.{i}.key/.value [batch, kv_heads, past_seq + seq, head_dim]
-
-Prefill feeds past tensors with past_seq = 0; decode feeds the previous step's presents back.
 Exported with `torch.onnx.export(dynamo=True)` around a wrapper with flat past/present tensors
-(REFERENCE.md, ONNX; optimum cannot export with transformers 5)."""
+(optimum's exporter requires transformers < 4.58, so it cannot export with transformers 5).
+
+The artifact is the same bytes in every checkout: the exporter records each node's Python stack
+(absolute paths of the checkout and the Python environment, and line numbers of this file) as node
+metadata, which is stripped before the graph is checked, and the manifest names the source weights by
+their manifest's sha256, not by path. So a second clone or a queued DVC experiment reproduces
+artifacts/onnx exactly, and DVC does not rerun the stages below it."""
 
 from __future__ import annotations
 
+import os
+import site
+import sys
 import tempfile
-from collections import Counter
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
 from pipeline import artifacts
 from pipeline.errors import PipelineError
+from pipeline.model.hf import has_tokenizer, load_hf_model, load_tokenizer, random_token_ids
+from pipeline.onnx_io import (MODEL_FILE, ORT_LEVELS, count_ops, empty_past_feeds, input_names, ort_session,
+                              output_names, position_ids)
 from pipeline.versions import library_versions
 
-MODEL_FILE = "model.onnx"
 MIN_OPSET = 18  # torchlib's minimum for the dynamo exporter
 # protobuf refuses messages over 2 GiB; leave room for the graph itself next to the weights.
 EXTERNAL_DATA_BYTES = 1_800_000_000
-ORT_LEVELS = ("basic", "extended", "all")
+# Metadata whose values name files on the exporting machine: the dynamo exporter's per-node Python
+# stack ("File \"/abs/path/modeling_llama.py\", line 123 ..."). Anything else that mentions a local
+# directory (_local_roots) is dropped too, so a future exporter's new path-bearing key cannot slip in.
+PATH_METADATA_KEYS = frozenset({"pkg.torch.onnx.stack_trace"})
 # Parity prompts of different lengths, so the batch is left-padded and the padding path is checked too.
 PARITY_PROMPTS = (
     "The ferry left the island twice a day.",
@@ -40,56 +47,6 @@ PARITY_PROMPTS = (
 # roughly the lengths the prompts above tokenize to with Llama 3's tokenizer, again left-padded.
 PARITY_RANDOM_LENGTHS = (11, 19, 4)
 PARITY_SEED = 0
-
-
-def input_names(num_layers: int) -> list[str]:
-    return ["input_ids", "attention_mask", "position_ids"] + [
-        f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def output_names(num_layers: int) -> list[str]:
-    return ["logits"] + [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
-
-
-def load_hf_model(model_dir: Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
-    """The Hugging Face reference model, in eval mode (safetensors only, no remote code)."""
-    model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
-        raise PipelineError(f"{model_dir}/config.json: not found; run the weights stage first (dvc repro weights)")
-    model_type = _read_config(model_dir).get("model_type")
-    if model_type != "llama":
-        raise PipelineError(f"{model_dir}/config.json: model_type is {model_type!r}; only 'llama' models can be "
-                            f"exported")
-    from transformers import LlamaForCausalLM
-
-    return LlamaForCausalLM.from_pretrained(str(model_dir), dtype=dtype, use_safetensors=True,
-                                            trust_remote_code=False, attn_implementation=attn_implementation).eval()
-
-
-def has_tokenizer(model_dir: Path) -> bool:
-    """Whether the model directory brings a tokenizer. Random presets made with model.tokenizer=source
-    have none (their manifest says "tokenizer": false); accuracy stages then feed seeded random ids."""
-    return (Path(model_dir) / "tokenizer.json").is_file()
-
-
-def random_token_ids(model_dir: Path, shape: tuple[int, ...], seed: int) -> np.ndarray:
-    """Seeded uniform token ids in [0, vocab_size) of model_dir/config.json -> int64 array of shape."""
-    vocab = int(_read_config(model_dir)["vocab_size"])
-    return np.random.default_rng(seed).integers(0, vocab, size=shape, dtype=np.int64)
-
-
-def load_tokenizer(model_dir: Path):
-    from transformers import AutoTokenizer
-
-    if not has_tokenizer(model_dir):
-        raise PipelineError(f"{model_dir}/tokenizer.json: not found; the model directory needs its tokenizer")
-    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
-
-
-def _read_config(model_dir: Path) -> dict[str, Any]:
-    import json
-
-    return json.loads((Path(model_dir) / "config.json").read_text())
 
 
 class _FlatKV(torch.nn.Module):
@@ -108,16 +65,6 @@ class _FlatKV(torch.nn.Module):
         out = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                          cache=cache, use_cache=True)
         return (out.logits, *[t for layer in out.cache.layers for t in (layer.keys, layer.values)])
-
-
-def empty_past_feeds(session, batch: int) -> dict[str, np.ndarray]:
-    """Past tensors of length 0 for a prefill, shaped from the session's own input signature."""
-    feeds = {}
-    for inp in session.get_inputs():
-        if inp.name.startswith("past_key_values."):
-            dtype = np.float16 if inp.type == "tensor(float16)" else np.float32
-            feeds[inp.name] = np.zeros((batch, inp.shape[1], 0, inp.shape[3]), dtype=dtype)
-    return feeds
 
 
 def _torch_export(model, path: Path, opset: int, external: bool) -> None:
@@ -149,31 +96,73 @@ def _torch_export(model, path: Path, opset: int, external: bool) -> None:
                             f"({type(e).__name__}: {first})") from e
 
 
-def count_ops(model_path: Path) -> dict[str, int]:
-    """Node count by op type of the main graph (weights not loaded)."""
+def _local_roots(*dirs: Path) -> list[str]:
+    """Absolute directories of this machine that must not appear in an artifact: the checkout (and the
+    working directory), the Python environment, the home directory, and `dirs` (source and output)."""
+    # getsitepackages is missing from old virtualenvs' site module
+    site_dirs = [*getattr(site, "getsitepackages", list)(), site.getusersitepackages()]
+    candidates = [Path.cwd(), Path(__file__).resolve().parents[1], Path(os.path.expanduser("~")), Path(sys.prefix),
+                  Path(sys.base_prefix), Path(sys.exec_prefix), *map(Path, site_dirs), *map(Path, dirs)]
+    roots = set()
+    for c in candidates:
+        for form in (c, c.resolve()):
+            if form.is_absolute() and len(form.parts) > 1:  # never "/" itself: every path contains it
+                roots.add(str(form))
+    return sorted(roots)
+
+
+def strip_local_paths(model, roots: Iterable[str]) -> int:
+    """Remove, in place, what names files on this machine from an onnx.ModelProto: metadata entries with
+    a PATH_METADATA_KEYS key, or whose value contains one of `roots`, and doc_strings containing a root.
+    Covers the model, every graph and subgraph (If/Loop/Scan bodies), node, value info, initializer and
+    function. Returns how many entries were removed."""
     import onnx
 
-    graph = onnx.load(str(model_path), load_external_data=False).graph
-    return dict(sorted(Counter(n.op_type for n in graph.node).items()))
+    roots = tuple(roots)
+
+    def local(text: str) -> bool:
+        return any(r in text for r in roots)
+
+    def clean(holder) -> int:  # every proto walked here has metadata_props and doc_string
+        drop = [i for i, p in enumerate(holder.metadata_props) if p.key in PATH_METADATA_KEYS or local(p.value)]
+        for i in reversed(drop):
+            del holder.metadata_props[i]
+        if holder.doc_string and local(holder.doc_string):
+            holder.doc_string = ""
+            return len(drop) + 1
+        return len(drop)
+
+    def nodes(node_list) -> int:
+        removed = 0
+        for node in node_list:
+            removed += clean(node)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    removed += graph(attr.g)
+                removed += sum(graph(g) for g in attr.graphs)
+        return removed
+
+    def graph(g) -> int:
+        return clean(g) + nodes(g.node) + sum(clean(h) for h in (*g.input, *g.output, *g.value_info, *g.initializer))
+
+    removed = clean(model) + graph(model.graph)
+    for fn in model.functions:
+        removed += clean(fn) + nodes(fn.node) + sum(clean(h) for h in fn.value_info)
+    return removed
 
 
-def ort_session(model_path: Path, *, level: str = "all", providers: Sequence[str] = ("CPUExecutionProvider",),
-                optimized_path: Path | None = None, num_threads: int = 0, external_data: bool = False):
-    import onnxruntime as ort
+def _strip_local_paths_in_file(path: Path, roots: Sequence[str]) -> None:
+    """strip_local_paths on a saved model; external weights (model.onnx.data) are neither read nor rewritten."""
+    import onnx
 
-    so = ort.SessionOptions()
-    so.graph_optimization_level = {"basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
-                                   "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
-                                   "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}[level]
-    so.log_severity_level = 3  # errors only: ORT warns about every unused initializer otherwise
-    if num_threads:
-        so.intra_op_num_threads = num_threads
-    if optimized_path is not None:
-        so.optimized_model_filepath = str(optimized_path)
-        if external_data:
-            so.add_session_config_entry("session.optimized_model_external_initializers_file_name",
-                                        optimized_path.name + ".data")
-    return ort.InferenceSession(str(model_path), so, providers=list(providers))
+    model = onnx.load(str(path), load_external_data=False)
+    if strip_local_paths(model, roots):
+        onnx.save_model(model, str(path))  # tensors stored externally keep their references, untouched
+
+
+def _manifest_sha256(model_dir: Path) -> str | None:
+    manifest = Path(model_dir) / artifacts.MANIFEST
+    return artifacts.sha256_file(manifest) if manifest.is_file() else None
 
 
 def _pad_left(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,12 +173,6 @@ def _pad_left(rows: list[list[int]], pad_id: int) -> tuple[np.ndarray, np.ndarra
         ids[i, width - len(r):] = r
         mask[i, width - len(r):] = 1
     return ids, mask
-
-
-def position_ids(mask: np.ndarray, past_len: int = 0) -> np.ndarray:
-    """Positions count attended tokens only, so left padding does not shift RoPE (as HF generate does)."""
-    pos = np.cumsum(mask, axis=1) - 1
-    return np.clip(pos, 0, None)[:, past_len:].astype(np.int64)
 
 
 def parity_rows(model_dir: Path, prompts: Sequence[str]) -> tuple[list[list[int]], str]:
@@ -247,7 +230,8 @@ def export_onnx(model_dir: Path, out_dir: Path, *, opset: int = MIN_OPSET, promp
     parity_atol: an export whose logits differ from torch by more than this (prefill or decode) is
     rejected, since a wrong graph must not become an artifact. Without a tokenizer in model_dir the
     check runs on seeded random ids instead of the prompts (manifest parity_inputs: "random-ids"
-    instead of "text"). Returns the manifest."""
+    instead of "text"). The manifest names the weights by the sha256 of model_dir/manifest.json (null
+    without one), never by path, so it is the same wherever the checkout lives. Returns the manifest."""
     import onnx
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -264,6 +248,7 @@ def export_onnx(model_dir: Path, out_dir: Path, *, opset: int = MIN_OPSET, promp
     with artifacts.atomic_dir(out_dir) as tmp:
         path = tmp / MODEL_FILE
         _torch_export(model, path, opset, external)
+        _strip_local_paths_in_file(path, _local_roots(model_dir, out_dir, tmp))
         try:
             onnx.checker.check_model(str(path), full_check=True)  # by path: works past 2 GB
         except Exception as e:
@@ -282,7 +267,7 @@ def export_onnx(model_dir: Path, out_dir: Path, *, opset: int = MIN_OPSET, promp
         ops_before = count_ops(path)
         cfg = model.config
         manifest = artifacts.write_manifest(
-            tmp, kind="onnx-model", model_dir=str(model_dir), opset=opset, dtype="float32",
+            tmp, kind="onnx-model", source_manifest_sha256=_manifest_sha256(model_dir), opset=opset, dtype="float32",
             external_data=external, attn_implementation=attn_implementation, parity_inputs=parity_inputs,
             inputs=input_names(cfg.num_hidden_layers), outputs=output_names(cfg.num_hidden_layers),
             dynamic_dims=["batch", "seq", "past_seq", "total_seq"],

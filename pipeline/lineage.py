@@ -1,10 +1,12 @@
-"""Where a run came from: project root, git commit, dirty flag, the DVC invocation, dependency hashes."""
+"""Where a run came from: project root, git commit, dirty flag, the DVC invocation, dependency hashes,
+what its config changed relative to conf/, and which metrics files its pipeline declares."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 from pathlib import Path
+from typing import Any
 
 
 def project_root() -> Path:
@@ -36,7 +38,8 @@ def invocation() -> tuple[str | None, str]:
     """Identify the `dvc repro` / `dvc exp run` process this stage runs under.
 
     DVC runs every stage of one invocation as a child of the same process, so its pid and start time
-    key the pipeline run all stages nest under. Returns (key or None when run by hand, display name)."""
+    key the pipeline run all stages nest under. Returns (key or None when run by hand, the command:
+    "dvc repro", "dvc exp run" or "manual"). DVC_EXP_NAME, when set, is part of the key."""
     import psutil
 
     exp_name = os.environ.get("DVC_EXP_NAME", "")
@@ -46,11 +49,11 @@ def invocation() -> tuple[str | None, str]:
             cmd = " ".join(proc.cmdline())
             if "dvc" in cmd and any(verb in cmd for verb in (" repro", " exp ", "exec-run")):
                 key = f"{exp_name}|{proc.pid}:{proc.create_time():.3f}"
-                return key, exp_name or "dvc " + ("exp run" if " exp " in cmd else "repro")
+                return key, "dvc " + ("exp run" if " exp " in cmd else "repro")
             proc = proc.parent()
     except (psutil.Error, OSError):
         pass
-    return (f"{exp_name}|" if exp_name else None), exp_name or "manual"
+    return (f"{exp_name}|" if exp_name else None), "manual"
 
 
 def dependency_hashes(stage: str) -> dict[str, str]:
@@ -80,3 +83,43 @@ def dependency_hashes(stage: str) -> dict[str, str]:
             return hashes
     except Exception as e:  # lineage must never fail a stage; say what is missing instead
         return {"_error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+
+
+def config_changes(current: dict[str, Any], conf_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """The flattened keys of `current` (a PipelineConfig.to_dict()) whose values differ from what
+    `conf_dir` composes to with no overrides, i.e. what this run's `-S`/override changed. Returns
+    (changes, None), or (None, reason) when conf/ cannot be composed (run outside the project)."""
+    from pipeline.config import flatten
+
+    try:
+        from pipeline import compose, config
+
+        if not (conf_dir / "config.yaml").is_file():
+            return None, f"{conf_dir}/config.yaml not found"
+        baseline = flatten(config.from_dict(compose.compose_dict(conf_dir), source=f"{conf_dir}/").to_dict())
+    except Exception as e:  # lineage must never fail a stage
+        return None, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+    return {k: v for k, v in flatten(current).items() if k not in baseline or baseline[k] != v}, None
+
+
+def metrics_files(workdir: Path) -> list[Path]:
+    """The metrics files dvc.yaml in `workdir` declares (stage `metrics:` entries and the top-level
+    `metrics:` list), in dvc.yaml order. `workdir` is where DVC runs the stages and they write their
+    outputs: the project root, or a temporary copy for a queued experiment (not DVC_ROOT then)."""
+    import yaml
+
+    try:
+        spec = yaml.safe_load((workdir / "dvc.yaml").read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return []
+    entries = [e for stage in (spec.get("stages") or {}).values() if isinstance(stage, dict)
+               for e in stage.get("metrics") or []]
+    entries += spec.get("metrics") or []
+    found: list[Path] = []
+    for entry in entries:
+        # `- metrics/x.json` or `- metrics/x.json: {cache: false}`
+        for name in ([entry] if isinstance(entry, str) else list(entry) if isinstance(entry, dict) else []):
+            path = workdir / str(name)
+            if path not in found:
+                found.append(path)
+    return found

@@ -2,6 +2,7 @@
 (tests/test_dvc_yaml.py keeps the two in step)."""
 
 from pathlib import Path
+from typing import NamedTuple, Optional
 
 PARAMS = Path("params.yaml")
 WEIGHTS_DIR = Path("artifacts/weights")
@@ -19,3 +20,21 @@ EXPORT_METRICS = Path("metrics/export_onnx.json")
 ONNX_GRAPH = Path("metrics/onnx_graph.json")
 CALIBRATE_METRICS = Path("metrics/calibrate.json")
 EVALUATE_METRICS = Path("metrics/evaluate.json")
+HEADLINE_METRICS = Path("metrics/headline.json")       # the short file `dvc exp show` shows
+REPORT_PLOT_DATA = Path("plots/backend_scenarios.json")  # `dvc plots` data: one row per backend x scenario
+
+
+class Artifact(NamedTuple):
+    path: Path
+    stage: str                        # the stage that writes it (named in "run dvc repro <stage>" hints)
+    convert_format: Optional[str] = None  # the convert.formats entry that must be on for it to exist
+
+
+# What a backend can load (pipeline/backends/registry.py declares which): a directory with manifest.json.
+ARTIFACTS = {
+    "hf_weights": Artifact(WEIGHTS_DIR, "weights"),        # config.json, *.safetensors, tokenizer
+    "onnx": Artifact(ONNX_DIR, "export_onnx"),             # fp32 ONNX decoder with KV cache (model.onnx)
+    "onnx_int8": Artifact(INT8_DIR, "calibrate"),          # INT8 QDQ ONNX decoder (model.onnx)
+    "ft_checkpoint": Artifact(FT_DIR, "convert_ft", "ft"),
+    "trtllm_checkpoint": Artifact(TRTLLM_DIR, "convert_trtllm", "trtllm"),
+}

@@ -10,7 +10,9 @@ from rich.console import Console
 from rich.progress import (BarColumn, DownloadColumn, MofNCompleteColumn, Progress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn)
 
-console = Console(stderr=True)
+# soft_wrap: a one-line error stays one line in CI logs and DVC output (rich would wrap at 80 columns
+# when stderr is not a terminal).
+console = Console(stderr=True, soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -8,10 +8,10 @@ from stages._main import run
 def main() -> None:
     cfg = config.load(paths.PARAMS)
     with tracking.stage_run("benchmark", cfg) as stage:
-        artifacts.verify_manifest(paths.WEIGHTS_DIR)
-        raw, skipped = launcher.run_all(cfg, paths.PARAMS, paths.WEIGHTS_DIR)
+        weights = artifacts.verify_manifest(paths.WEIGHTS_DIR)
+        raw, plan = launcher.run_all(cfg, vocab_size=int(weights["shape"]["vocab_size"]))
         metrics = results.write_results(raw, paths.BENCHMARK_METRICS, paths.BENCHMARK_CONDITIONS,
-                                        paths.BENCHMARK_RUNS, skipped)
+                                        paths.BENCHMARK_RUNS, plan.skipped, plan.parallel)
         stage.log_metrics(metrics)
         for path in (paths.BENCHMARK_METRICS, paths.BENCHMARK_CONDITIONS, paths.BENCHMARK_RUNS):
             stage.log_artifact(path, "benchmark")

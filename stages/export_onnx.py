@@ -14,7 +14,7 @@ def main() -> None:
 
         t0 = time.perf_counter()
         manifest = export_onnx(paths.WEIGHTS_DIR, paths.ONNX_DIR, opset=cfg.export.opset,
-                               parity_atol=cfg.export.parity_atol, ort_optimization=cfg.export.ort_optimization,
+                               parity_atol=cfg.export.atol, ort_optimization=cfg.export.ort_optimization,
                                attn_implementation=cfg.export.attn_implementation)
         metrics = {**manifest["metrics"], "stage_s": round(time.perf_counter() - t0, 2)}
         atomic_write_json(paths.EXPORT_METRICS, metrics)

@@ -15,13 +15,33 @@ from pathlib import Path
 from tests.conftest import ROOT
 
 
-def copy_project(dst: Path) -> Path:
-    """Tracked (and not-ignored untracked) files of this repo in a fresh git repo at dst."""
-    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=ROOT,
+def dvc_products(root: Path) -> set[str]:
+    """What `dvc repro` writes in a project: dvc.lock and every stage output (outs, metrics, plots)."""
+    import yaml
+
+    stages = yaml.safe_load((root / "dvc.yaml").read_text())["stages"]
+    products = {"dvc.lock"}
+    for stage in stages.values():
+        for key in ("outs", "metrics", "plots"):
+            for entry in stage.get(key) or []:
+                products.add(next(iter(entry)) if isinstance(entry, dict) else entry)
+    return products
+
+
+def copy_project(dst: Path, src_root: Path = ROOT) -> Path:
+    """This repo as a fresh clone would have it, in a fresh git repo at dst: tracked and not-ignored untracked
+    files (so uncommitted work is tested too), but none of what an earlier `dvc repro` left in the source
+    (dvc.lock, untracked stage outputs): with them the copy's first `dvc repro` would rerun nothing."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"], cwd=src_root,
                             capture_output=True, check=True).stdout.decode().split("\0")
+    untracked = set(subprocess.run(["git", "ls-files", "--others", "--exclude-standard", "-z"], cwd=src_root,
+                                   capture_output=True, check=True).stdout.decode().split("\0"))
+    products = dvc_products(src_root)
     for rel in filter(None, listed):
-        src = ROOT / rel
-        if src.is_file():
+        src = src_root / rel
+        made_by_dvc = rel == "dvc.lock" or (rel in untracked and any(rel == p or rel.startswith(p.rstrip("/") + "/")
+                                                                     for p in products))
+        if src.is_file() and not made_by_dvc:
             target = dst / rel
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, target)
@@ -90,3 +110,11 @@ class MlflowServer:
                 os.kill(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         self.proc = None
+
+
+def make_backend(name: str, artifact: Path, precision: str = "fp32", device: str = "cpu"):
+    """A registry backend handed `artifact` explicitly, as the benchmark launcher does."""
+    from pipeline.backends.base import BackendInputs
+    from pipeline.backends.registry import load_backend_class
+
+    return load_backend_class(name)(BackendInputs(name, Path(artifact), precision, device))

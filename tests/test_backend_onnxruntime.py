@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.backends.onnxruntime import OnnxRuntimeBackend, default_onnx_path
-from pipeline.config import HardwareConfig, PrecisionConfig
 from pipeline.errors import PipelineError
+from tests.helpers import make_backend
 
 pytest_plugins = ["tests.fixtures_onnx"]
 
@@ -26,9 +25,7 @@ def prompt() -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def torch_tokens(onnx_tiny_dir, prompt) -> torch.Tensor:
-    from pipeline.backends.torch_eager import TorchEagerBackend
-
-    backend = TorchEagerBackend(onnx_tiny_dir, PrecisionConfig(), HardwareConfig())
+    backend = make_backend("torch", onnx_tiny_dir)
     backend.load()
     return _greedy(backend, prompt, 24)
 
@@ -36,8 +33,7 @@ def torch_tokens(onnx_tiny_dir, prompt) -> torch.Tensor:
 def test_greedy_tokens_equal_torch(onnx_tiny_dir, onnx_export, prompt, torch_tokens):
     import onnxruntime as ort
 
-    backend = OnnxRuntimeBackend(onnx_tiny_dir, PrecisionConfig(), HardwareConfig(),
-                                 onnx_path=onnx_export[0] / "model.onnx")
+    backend = make_backend("onnxruntime", onnx_export[0])
     backend.load()
     tokens = _greedy(backend, prompt, 24)
     assert tokens.dtype == torch_tokens.dtype and tokens.device == torch_tokens.device
@@ -56,8 +52,7 @@ def test_int8_greedy_tokens_mostly_agree_with_torch(onnx_tiny_dir, onnx_int8, pr
     token differ, which says more about the prompt than the graph (measured 0.81 free-running, first flip
     at step 7 of row 0). Measured 47/48 = 0.979 teacher-forced (entropy 0.979, percentile 0.958);
     asserted >= 0.9."""
-    backend = OnnxRuntimeBackend(onnx_tiny_dir, PrecisionConfig("int8"), HardwareConfig(),
-                                 onnx_path=onnx_int8["minmax"][0] / "model.onnx")
+    backend = make_backend("onnxruntime", onnx_int8["minmax"][0], "int8")
     backend.load()
     tokens = [backend.prefill(prompt)]
     tokens += [backend.decode(torch_tokens[:, i]) for i in range(torch_tokens.shape[1] - 1)]
@@ -69,46 +64,17 @@ def test_int8_greedy_tokens_mostly_agree_with_torch(onnx_tiny_dir, onnx_int8, pr
     assert backend.describe()["onnx_graph"] == "int8-qdq" and backend.describe()["precision"] == "int8"
 
 
-def test_default_path_is_beside_weights(tmp_path, onnx_int8):
-    import shutil
-
-    weights = tmp_path / "artifacts" / "weights"
-    assert default_onnx_path(weights) == tmp_path / "artifacts" / "onnx" / "model.onnx"
-    assert default_onnx_path(weights, "int8") == tmp_path / "artifacts" / "onnx_int8" / "model.onnx"
-    with pytest.raises(PipelineError, match="precision.name=bf16: backend onnxruntime runs fp32 or int8"):
-        default_onnx_path(weights, "bf16")
-    with pytest.raises(PipelineError, match="onnx/model.onnx: not found; run the export stage"):
-        OnnxRuntimeBackend(weights, PrecisionConfig(), HardwareConfig()).load()
-    int8 = OnnxRuntimeBackend(weights, PrecisionConfig("int8"), HardwareConfig())
-    with pytest.raises(PipelineError, match="onnx_int8/model.onnx: not found; run the calibrate stage"):
-        int8.load()
-    shutil.copytree(onnx_int8["minmax"][0], tmp_path / "artifacts" / "onnx_int8")
-    int8.load()  # precision int8 alone finds the calibrate stage's graph
-    assert int8.describe()["onnx_path"] == str(tmp_path / "artifacts" / "onnx_int8" / "model.onnx")
-    assert int8.describe()["onnx_graph"] == "int8-qdq"
-
-
-def test_supported_precisions():
-    from pipeline.backends.torch_eager import TorchEagerBackend
-    from pipeline.backends.torch_tp import TorchTPBackend
-
-    assert OnnxRuntimeBackend.supported_precisions == ("fp32", "int8")
-    assert TorchEagerBackend.supported_precisions == TorchTPBackend.supported_precisions == ("fp32", "fp16", "bf16")
-
-
-def test_rejects_other_precisions(onnx_tiny_dir, onnx_export):
-    backend = OnnxRuntimeBackend(onnx_tiny_dir, PrecisionConfig(name="bf16"), HardwareConfig(),
-                                 onnx_path=onnx_export[0] / "model.onnx")
-    with pytest.raises(PipelineError, match="precision.name=bf16"):
-        backend.load()
+def test_a_missing_graph_names_the_file(tmp_path):
+    with pytest.raises(PipelineError, match="onnx/model.onnx: not found in the artifact handed to backend onnxruntime"):
+        make_backend("onnxruntime", tmp_path / "onnx").load()
 
 
 @pytest.mark.parametrize("precision, graph, found", [
     ("int8", "fp32", "no QuantizeLinear nodes"), ("fp32", "int8", "an INT8 QDQ graph")])
 def test_precision_label_must_match_the_graph(onnx_tiny_dir, onnx_export, onnx_int8, precision, graph, found):
     """A result labelled int8 never comes from the fp32 graph, nor the other way round."""
-    path = {"fp32": onnx_export[0], "int8": onnx_int8["minmax"][0]}[graph] / "model.onnx"
-    backend = OnnxRuntimeBackend(onnx_tiny_dir, PrecisionConfig(precision), HardwareConfig(), onnx_path=path)
+    artifact = {"fp32": onnx_export[0], "int8": onnx_int8["minmax"][0]}[graph]
+    backend = make_backend("onnxruntime", artifact, precision)
     with pytest.raises(PipelineError, match=f"precision.name={precision} but the graph has {found}") as e:
         backend.load()
     assert "\n" not in str(e.value) and not hasattr(backend, "session")
@@ -119,8 +85,7 @@ def test_cuda_needs_the_cuda_provider(onnx_tiny_dir, onnx_export):
 
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("onnxruntime-gpu is installed")
-    backend = OnnxRuntimeBackend(onnx_tiny_dir, PrecisionConfig(), HardwareConfig(device="cuda"),
-                                 onnx_path=onnx_export[0] / "model.onnx")
+    backend = make_backend("onnxruntime", onnx_export[0], device="cuda")
     with pytest.raises(PipelineError, match="no CUDAExecutionProvider"):
         backend.load()
 
@@ -132,7 +97,7 @@ def test_rejects_a_graph_without_kv_cache(onnx_tiny_dir, tmp_path):
     graph = helper.make_graph([helper.make_node("Identity", ["input_ids"], ["logits"])], "g",
                               [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "s"])],
                               [helper.make_tensor_value_info("logits", TensorProto.INT64, ["b", "s"])])
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "m.onnx"))
-    backend = OnnxRuntimeBackend(onnx_tiny_dir, PrecisionConfig(), HardwareConfig(), onnx_path=tmp_path / "m.onnx")
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(tmp_path / "model.onnx"))
+    backend = make_backend("onnxruntime", tmp_path)
     with pytest.raises(PipelineError, match="not a decoder with KV cache"):
         backend.load()

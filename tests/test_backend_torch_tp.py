@@ -9,15 +9,12 @@ import sys
 
 import pytest
 import torch
-import yaml
 
-from pipeline.backends.registry import load_backend_class
 from pipeline.benchmark.launcher import worker_command
-from pipeline.config import HardwareConfig, PrecisionConfig
 from pipeline.convert import trtllm
 from pipeline.errors import PipelineError
 from tests.conftest import ROOT
-from tests.helpers import project_env
+from tests.helpers import make_backend, project_env
 
 
 @pytest.fixture(scope="module")
@@ -36,9 +33,8 @@ def _torchrun(nproc: int, *args: str, env: dict) -> subprocess.CompletedProcess:
 
 def test_tp_backend_generates_the_reference_tokens(tiny_model_dir, tp2pp2_checkpoint, tmp_path):
     out = tmp_path / "tokens.json"
-    env = project_env(PIPELINE_TP_CHECKPOINT=str(tp2pp2_checkpoint))
-    _torchrun(4, "tests/tp_backend_script.py", str(tiny_model_dir), str(out), env=env)
-    reference = load_backend_class("torch")(tiny_model_dir, PrecisionConfig("fp32"), HardwareConfig("cpu"))
+    _torchrun(4, "tests/tp_backend_script.py", str(tp2pp2_checkpoint), str(out), env=project_env(PYTHONPATH=str(ROOT)))
+    reference = make_backend("torch", tiny_model_dir)
     reference.load()
     prompt = torch.randint(2, 512, (3, 9), generator=torch.Generator().manual_seed(0))
     tokens = [reference.prefill(prompt)]
@@ -47,26 +43,26 @@ def test_tp_backend_generates_the_reference_tokens(tiny_model_dir, tp2pp2_checkp
     assert json.loads(out.read_text()) == torch.stack(tokens, dim=1).tolist()
 
 
-def test_benchmark_worker_runs_spmd_under_torchrun(tiny_model_dir, tp2pp2_checkpoint, tmp_path, default_raw):
-    raw = json.loads(json.dumps(default_raw))
-    raw["parallel"] = {"tp": 2, "pp": 2}
-    raw["benchmark"].update(backends=["torch-tp"], prompt_lengths=[8], batch_sizes=[2], output_length=4,
-                            warmup_runs=1, measured_runs=2)
-    params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump(raw))
-    result = tmp_path / "result.json"
-    cmd = worker_command("torch-tp", params, tiny_model_dir, result, world_size=4)
+def test_benchmark_worker_runs_spmd_under_torchrun(tp2pp2_checkpoint, tmp_path):
+    job = {"inputs": {"backend": "torch-tp", "artifact": str(tp2pp2_checkpoint), "precision": "fp32",
+                      "device": "cpu", "num_threads": 0},
+           "benchmark": {"backends": ["torch-tp"], "prompt_lengths": [8], "batch_sizes": [2], "output_length": 4,
+                         "warmup_runs": 1, "measured_runs": 2, "seed": 0},
+           "vocab_size": 512, "distributed": True, "world_size": 4}
+    job_path, result = tmp_path / "job.json", tmp_path / "result.json"
+    job_path.write_text(json.dumps(job))
+    cmd = worker_command(job, job_path, result)
     assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4"]
-    env = project_env(PIPELINE_TP_CHECKPOINT=str(tp2pp2_checkpoint))
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, cwd=ROOT, env=project_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     data = json.loads(result.read_text())
-    assert data["conditions"]["tp"] == "2" and data["conditions"]["pp"] == "2"
+    assert data["conditions"]["tp"] == 2 and data["conditions"]["pp"] == 2
     assert data["metrics"]["bs2_in8_out4"]["tpot_ms_p50"] > 0 and len(data["rows"]) == 2
+    assert {(r["tp"], r["pp"]) for r in data["rows"]} == {(2, 2)}
 
 
-def test_tp_backend_outside_torchrun_says_how_to_run_it(tiny_model_dir, monkeypatch):
+def test_tp_backend_outside_torchrun_says_how_to_run_it(tp2pp2_checkpoint, monkeypatch):
     monkeypatch.delenv("RANK", raising=False)
-    backend = load_backend_class("torch-tp")(tiny_model_dir, PrecisionConfig("fp32"), HardwareConfig("cpu"))
+    backend = make_backend("torch-tp", tp2pp2_checkpoint)
     with pytest.raises(PipelineError, match="runs under torchrun"):
         backend.load()

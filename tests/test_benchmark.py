@@ -10,8 +10,9 @@ import torch
 from pipeline.backends.registry import BACKENDS, load_backend_class
 from pipeline.benchmark import results, runner
 from pipeline.benchmark.stats import request_metrics, summarize
-from pipeline.config import BenchmarkConfig, HardwareConfig, PrecisionConfig
+from pipeline.config import BenchmarkConfig
 from pipeline.errors import PipelineError
+from tests.helpers import make_backend
 
 
 def test_request_metrics_follow_the_field_definitions():
@@ -30,14 +31,31 @@ def test_summarize_percentiles():
 
 
 def test_registry_resolves_names_and_rejects_unknown():
-    assert load_backend_class("torch").name == "torch" == next(iter(BACKENDS))
+    from pipeline.backends.base import Backend
+
+    for name in BACKENDS:
+        assert issubclass(load_backend_class(name), Backend)
     with pytest.raises(PipelineError, match="unknown backend 'nope'"):
         load_backend_class("nope")
 
 
+def test_registry_declares_what_each_backend_needs_and_can_do():
+    from pipeline import paths
+
+    for spec in BACKENDS.values():
+        for precision in spec.precisions:
+            assert spec.artifact_for(precision) in paths.ARTIFACTS, (spec.name, precision)
+    assert BACKENDS["onnxruntime"].artifact_for("int8") == "onnx_int8"
+    assert BACKENDS["onnxruntime"].artifact_for("fp32") == "onnx"
+    assert BACKENDS["torch-tp"].distributed and not BACKENDS["torch"].distributed
+    assert BACKENDS["torch"].cannot_run("int8", "cpu") == "backend torch runs precisions fp32, fp16, bf16, not int8"
+    assert BACKENDS["onnxruntime"].cannot_run("bf16", "cpu") is not None
+    assert BACKENDS["torch"].cannot_run("bf16", "cuda") is None
+
+
 @pytest.fixture(scope="module")
 def torch_backend(tiny_model_dir):
-    backend = load_backend_class("torch")(tiny_model_dir, PrecisionConfig("fp32"), HardwareConfig("cpu"))
+    backend = make_backend("torch", tiny_model_dir)
     backend.load()
     return backend
 
@@ -78,13 +96,14 @@ def test_results_files_round_trip(tmp_path, torch_backend):
     metrics = results.write_results(raw, tmp_path / "m.json", tmp_path / "c.json", tmp_path / "runs.csv")
     rows = results.read_runs(tmp_path / "runs.csv")
     assert len(rows) == 2 and rows[0]["backend"] == "torch" and rows[0]["tpot_ms"] > 0
+    assert rows[0]["tp"] == rows[0]["pp"] == 1  # tp and pp are columns of every row
     assert metrics["torch"]["bs1_in4_out3"]["output_token_throughput"] > 0
 
 
 def test_cuda_request_without_a_gpu_fails_clearly(tiny_model_dir):
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present")
-    backend = load_backend_class("torch")(tiny_model_dir, PrecisionConfig("fp32"), HardwareConfig("cuda"))
+    backend = make_backend("torch", tiny_model_dir, device="cuda")
     with pytest.raises(PipelineError, match="hardware.device=cuda but torch sees no CUDA device"):
         backend.load()
 
@@ -92,3 +111,61 @@ def test_cuda_request_without_a_gpu_fails_clearly(tiny_model_dir):
 def test_scenario_keys_are_stable():
     bench = dataclasses.replace(BenchmarkConfig(), prompt_lengths=[32], batch_sizes=[1, 4], output_length=16)
     assert [s.key for s in runner.scenarios(bench)] == ["bs1_in32_out16", "bs4_in32_out16"]
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, tiny_model_dir):
+    """A project dir holding the weights; the launcher resolves artifacts relative to it, as stages do."""
+    import shutil
+
+    from pipeline import artifacts
+
+    shutil.copytree(tiny_model_dir, tmp_path / "artifacts" / "weights")
+    for name in ("onnx", "onnx_int8"):
+        with artifacts.atomic_dir(tmp_path / "artifacts" / name) as d:
+            (d / "model.onnx").write_bytes(name.encode())
+            artifacts.write_manifest(d, kind=name)
+    with artifacts.atomic_dir(tmp_path / "artifacts" / "trtllm") as d:
+        artifacts.write_manifest(d, kind="trtllm-checkpoint", tp=1, pp=1)
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def _cfg(default_raw, **sections):
+    import copy
+
+    from pipeline import config
+
+    raw = copy.deepcopy(default_raw)
+    for key, value in sections.items():
+        raw[key].update(value)
+    return config.from_dict(raw)
+
+
+def test_launcher_hands_each_backend_the_artifact_it_declares(project, default_raw):
+    from pipeline.benchmark import launcher
+
+    plan = launcher.plan(_cfg(default_raw, precision={"name": "int8"}), vocab_size=512)
+    assert set(plan.jobs) == {"onnxruntime"} and set(plan.skipped) == {"torch", "torch-tp"}
+    assert plan.jobs["onnxruntime"]["inputs"]["artifact"] == "artifacts/onnx_int8"
+    plan = launcher.plan(_cfg(default_raw), vocab_size=512)
+    assert {n: j["inputs"]["artifact"] for n, j in plan.jobs.items()} == {
+        "torch": "artifacts/weights", "onnxruntime": "artifacts/onnx", "torch-tp": "artifacts/trtllm"}
+    assert plan.jobs["torch-tp"]["distributed"] and plan.parallel == {"tp": 1, "pp": 1, "benchmarked_by": ["torch-tp"]}
+
+
+def test_launcher_verifies_artifacts_and_checks_the_layout(project, default_raw):
+    from pipeline.benchmark import launcher
+
+    (project / "artifacts/onnx/model.onnx").write_bytes(b"ONNX")  # same size, other bytes
+    with pytest.raises(PipelineError, match="artifacts/onnx/model.onnx: sha256 differs"):
+        launcher.plan(_cfg(default_raw), vocab_size=512)
+    with pytest.raises(PipelineError, match=r"artifacts/trtllm: converted for tp=1 pp=1, params.yaml asks tp=2 pp=1"):
+        launcher.plan(_cfg(default_raw, parallel={"tp": 2}, benchmark={"backends": ["torch-tp"]}), vocab_size=512)
+
+
+def test_a_parallel_layout_without_a_distributed_backend_is_recorded(project, default_raw):
+    from pipeline.benchmark import launcher
+
+    plan = launcher.plan(_cfg(default_raw, parallel={"tp": 2}, benchmark={"backends": ["torch"]}), vocab_size=512)
+    assert plan.parallel["not_benchmarked"].startswith("parallel.tp=2 x parallel.pp=1 was not benchmarked")

@@ -94,7 +94,7 @@ def test_calibration_table_loader_rejects_bad_scales(tmp_path):
 
 def test_feeds_hold_prefill_and_decode_samples(onnx_tiny_dir, onnx_export, onnx_int8):
     from pipeline.calibrate import build_feeds, calibration_windows, load_calibration_text
-    from pipeline.export import ort_session
+    from pipeline.onnx_io import ort_session
 
     windows = calibration_windows(onnx_tiny_dir, load_calibration_text(), num_samples=3, seq_len=10, seed=0)
     assert windows.shape == (3, 11)
@@ -109,9 +109,14 @@ def test_feeds_hold_prefill_and_decode_samples(onnx_tiny_dir, onnx_export, onnx_
 
 
 def test_calibration_source_recorded_with_tokenizer(onnx_int8):
+    import hashlib
+
     from pipeline.model.tokenizer import CORPUS
 
-    assert onnx_int8["minmax"][1]["settings"]["dataset"] == str(CORPUS)
+    settings = onnx_int8["minmax"][1]["settings"]
+    # named and pinned by content, not by the checkout's absolute path
+    assert settings["dataset"] == CORPUS.name == "corpus.txt"
+    assert settings["text_sha256"] == hashlib.sha256(CORPUS.read_text(encoding="utf-8").encode()).hexdigest()
 
 
 def test_no_tokenizer_calibrates_on_seeded_random_ids(onnx_notok_dir, onnx_export, tmp_path):
@@ -128,6 +133,7 @@ def test_no_tokenizer_calibrates_on_seeded_random_ids(onnx_notok_dir, onnx_expor
     manifest = quantize(onnx_export[0] / "model.onnx", onnx_notok_dir, tmp_path / "q", num_samples=2, seq_len=8,
                         seed=3, corpus_path=tmp_path / "no-such-corpus.txt")
     assert manifest["settings"]["dataset"] == RANDOM_IDS == "random-ids (no tokenizer)"
+    assert manifest["settings"]["text_sha256"] is None
     assert manifest["settings"]["seed"] == 3 and manifest["metrics"]["calibration_feeds"] == 2 * 2
     assert manifest["metrics"]["quantize_linear_nodes"] > 0
     artifacts.verify_manifest(tmp_path / "q")

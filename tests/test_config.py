@@ -127,20 +127,39 @@ def test_bad_value_names_the_key(raw, key, value, expected):
     assert "\n" not in message
 
 
-@pytest.mark.parametrize("key", ["benchmark.batch_size", "model.rope_scaling.factr", "tracking.url", "extra",
-                                 "parallel.dp"])
-def test_unknown_key_names_the_key_and_the_allowed_ones(raw, key):
+@pytest.mark.parametrize("key,closest", [("benchmark.batch_size", "benchmark.batch_sizes"),
+                                         ("model.rope_scaling.factr", "model.rope_scaling.factor"),
+                                         ("tracking.url", "tracking.uri"), ("precison", "precision")])
+def test_unknown_key_gets_the_closest_valid_key(raw, key, closest):
+    with pytest.raises(ConfigError) as info:
+        config.from_dict(_set(raw, key, 1) if "." in key else {**raw, key: 1})
+    assert str(info.value).endswith(f"unknown key '{key}'; did you mean '{closest}'?"), info.value
+
+
+@pytest.mark.parametrize("key", ["extra", "benchmark.zzz_qqq", "parallel.dp"])
+def test_unknown_key_without_a_close_one_lists_the_allowed_ones(raw, key):
     with pytest.raises(ConfigError) as info:
         config.from_dict(_set(raw, key, 1) if "." in key else {**raw, key: 1})
     message = str(info.value)
     assert f"unknown key '{key}'" in message and "allowed" in message, message
 
 
+@pytest.mark.parametrize("override,closest", [("benchmark.batch_size=[1]", "benchmark.batch_sizes"),
+                                              ("precison=bf16", "precision"), ("parallel.ppp=2", "parallel.pp"),
+                                              ("benchmrk.seed=1", "benchmark")])
+def test_mistyped_override_gets_did_you_mean_not_hydras_plus_advice(override, closest):
+    with pytest.raises(ConfigError) as info:
+        compose_params(CONF, [override])
+    message = str(info.value)
+    assert f"did you mean '{closest}'?" in message and "+" not in message and "\n" not in message, message
+
+
 def test_tp_above_kv_heads_only_without_fastertransformer(raw):
     # 8 query heads, 2 KV heads: tp=4 replicates each KV head on two ranks (as TensorRT-LLM does);
     # FasterTransformer cannot, so it must be left out of convert.formats.
     _set(raw, "parallel.tp", 4)
-    with pytest.raises(ConfigError, match=r"parallel.tp must be <= model.num_kv_heads=2 .*got 4.*convert.formats=\[trtllm\]"):
+    with pytest.raises(ConfigError, match=r"parallel.tp must divide model.num_kv_heads=2 for FasterTransformer .*got 4.*"
+                                          r"drop that format from convert.formats"):
         config.from_dict(raw)
     assert config.from_dict(_set(raw, "convert.formats", ["trtllm"])).parallel.tp == 4
 
@@ -149,6 +168,7 @@ def test_tp_that_divides_neither_head_count_fails(raw):
     _set(raw, "model.num_heads", 12)
     _set(raw, "model.hidden_size", 96)
     _set(raw, "model.num_kv_heads", 4)
+    _set(raw, "convert.formats", ["trtllm"])  # TensorRT-LLM replicates KV heads, but only a whole number of times
     with pytest.raises(ConfigError, match=r"parallel.tp must divide model.num_kv_heads=4 or be a multiple of it; got 6"):
         config.from_dict(_set(raw, "parallel.tp", 6))
 
@@ -209,3 +229,42 @@ def test_compose_cli_check_detects_stale_params(tmp_path: Path):
 
 def test_flatten():
     assert config.flatten({"a": {"b": 1, "c": {"d": [1, 2]}}, "e": None}) == {"a.b": 1, "a.c.d": [1, 2], "e": None}
+
+
+def test_precision_no_listed_backend_can_run_is_rejected_at_compose_time():
+    with pytest.raises(ConfigError) as info:
+        compose_params(CONF, ["precision=int8", "benchmark.backends=[torch]"])
+    message = str(info.value)
+    assert "benchmark.backends=['torch']: none can run precision.name=int8" in message
+    assert "backends that can: onnxruntime" in message and "\n" not in message
+
+
+def test_backend_whose_artifact_is_not_converted_is_rejected():
+    with pytest.raises(ConfigError, match=r"benchmark.backends\[2\]=torch-tp loads artifacts/trtllm .*add trtllm to "
+                                          r"convert.formats or drop torch-tp"):
+        compose_params(CONF, ["convert.formats=[ft]"])
+    assert compose_params(CONF, ["convert.formats=[ft]", "benchmark.backends=[torch]"])
+
+
+def test_local_weights_are_copied_as_stored_and_preset_needs_a_dtype(raw):
+    local = compose_params(CONF, ["model=local", "model.local_dir=/models/x"])
+    assert local["model"]["dtype"] is None
+    with pytest.raises(ConfigError, match="model.dtype is required when model.source=preset"):
+        config.from_dict(_set(raw, "model.dtype", None))
+
+
+def test_calibration_methods_share_one_base():
+    composed = {m: compose_dict(CONF, [f"calibration={m}"])["calibration"] for m in ("minmax", "entropy", "percentile")}
+    assert {c.pop("method") for c in composed.values()} == {"minmax", "entropy", "percentile"}
+    assert composed["minmax"] == composed["entropy"] == composed["percentile"]
+    for m in composed:
+        assert "method:" in (CONF / "calibration" / f"{m}.yaml").read_text()
+        assert "num_samples" not in (CONF / "calibration" / f"{m}.yaml").read_text()
+
+
+def test_tolerances_default_from_the_precision_table(default_cfg):
+    from pipeline.precision import PRECISIONS
+
+    assert default_cfg.export.parity_atol is None and default_cfg.export.atol == PRECISIONS["fp32"].logits_atol
+    assert default_cfg.verify.atol("fp32") == PRECISIONS["fp32"].logits_atol
+    assert default_cfg.verify.atol("bf16") is None  # lower precisions: top-1 gate only

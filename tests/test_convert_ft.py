@@ -1,7 +1,7 @@
 """FasterTransformer layout (pipeline.convert.ft): file names, shapes, bytes, config.ini, round trip, bad input.
 
-Expected bytes are computed here independently of the converter's weight map, from the layout in
-reference/fastertransformer.md (PR #575's np.stack/transpose for MHA, PR #785's concat(q_r,k_r,v_r).T)."""
+Expected bytes are computed here independently of the converter's weight map, from the layout of
+NVIDIA/FasterTransformer pull requests #575 and #785 (PR #575's np.stack/transpose for MHA, PR #785's concat(q_r,k_r,v_r).T)."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def _file(folder, name, dtype):
 def test_file_names_and_sizes(store, model, tp, kv, vocab):
     folder = store.checkpoint(model, "ft", tp, 1) / f"{tp}-gpu"
     names = sorted(p.name for p in folder.iterdir())
-    assert len(names) == 1 + 3 + L * (2 + 5 * tp)  # config.ini + reference §3 file count
+    assert len(names) == 1 + 3 + L * (2 + 5 * tp)  # config.ini + file count of PR #575's converter
     shapes = {"model.wte.weight.bin": (vocab, H), "model.lm_head.weight.bin": (vocab, H),
               "model.final_layernorm.weight.bin": (H,)}
     for l in range(L):
@@ -188,9 +188,9 @@ def test_weight_only_quantization_math():
 
 @pytest.mark.parametrize("kwargs,match", [
     ({"tp": 3}, r"parallel.tp must divide model.num_heads=8; got 3"),
-    ({"tp": 4}, r"parallel.tp=4 must divide num_key_value_heads=2 for FasterTransformer"),
-    ({"tp": 1, "pp": 3}, r"parallel.pp must divide model.num_layers=4; got 3"),
-    ({"tp": 0}, r"parallel.tp must be >= 1"),
+    ({"tp": 4}, r"parallel.tp must divide model.num_kv_heads=2 for FasterTransformer"),
+    ({"tp": 1, "pp": 3}, r"parallel.pp must divide model.num_layers=4 for FasterTransformer"),
+    ({"tp": 0}, r"parallel.tp must be an integer >= 1"),
     ({"tp": 1, "dtype": "int4"}, r"convert.dtype must be one of fp32, fp16, bf16"),
     ({"tp": 1, "dtype": "fp32", "int8_mode": 1}, r"int8_mode=1 needs convert.dtype fp16 or bf16"),
     ({"tp": 1, "dtype": "fp16", "int8_mode": 2}, r"convert.ft_int8_mode must be 0 or 1"),

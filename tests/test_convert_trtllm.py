@@ -1,7 +1,7 @@
 """TensorRT-LLM checkpoint (pipeline.convert.trtllm): names, shapes and values per rank, config.json,
 KV-head replication, lm_head padding, uneven PP, round trip, W8A16 gating, bad input.
 
-Expected tensors are sliced here from the HF weights following reference/tensorrt.md §1.4-1.5, not
+Expected tensors are sliced here from the HF weights following TensorRT-LLM's tensorrt_llm/models/llama/convert.py rules, not
 through the converter's weight map."""
 
 from __future__ import annotations
@@ -213,8 +213,8 @@ def test_invalid_quant_algo(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize("kwargs,match", [
     ({"tp": 3}, r"parallel.tp must divide model.num_heads=8; got 3"),
     ({"tp": 16}, r"parallel.tp must divide model.num_heads=8; got 16"),
-    ({"tp": 1, "pp": 5}, r"parallel.pp must be <= num_hidden_layers=4; got 5"),
-    ({"tp": 1, "pp": 0}, r"parallel.pp must be >= 1"),
+    ({"tp": 1, "pp": 5}, r"parallel.pp must be <= model.num_layers=4; got 5"),
+    ({"tp": 1, "pp": 0}, r"parallel.pp must be an integer >= 1"),
 ])
 def test_impossible_tp_pp(tiny_model_dir, tmp_path, kwargs, match):
     with pytest.raises(PipelineError, match=match) as info:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 
@@ -41,10 +42,10 @@ def test_repro_builds_every_output_with_sane_metrics(project, first_repro):
     manifest = json.loads((project / "artifacts/weights/manifest.json").read_text())
     assert manifest["parameter_count"] == 254_528
     all_metrics = json.loads((project / "metrics/benchmark.json").read_text())
-    assert set(all_metrics) == {"torch", "onnxruntime"}
+    assert set(all_metrics) == {"torch", "onnxruntime", "torch-tp"}
     params = yaml.safe_load((project / "params.yaml").read_text())["benchmark"]
     scenarios = [(b, k) for b, m in all_metrics.items() for k in m if k != "load_s"]
-    assert len(scenarios) == 2 * len(params["prompt_lengths"]) * len(params["batch_sizes"])
+    assert len(scenarios) == 3 * len(params["prompt_lengths"]) * len(params["batch_sizes"])
     for backend, key in scenarios:
         s = all_metrics[backend][key]
         batch, out = int(key.split("_")[0][2:]), int(key.split("_")[2][3:])
@@ -77,10 +78,15 @@ def test_mlflow_has_one_parent_run_with_the_stage_runs_nested(project, first_rep
     exp = client.get_experiment_by_name("llama3-inference")
     runs = client.search_runs([exp.experiment_id])
     parents = [r for r in runs if r.data.tags.get("pipeline.kind") == "invocation"]
-    assert len(parents) == 1 and parents[0].info.run_name == "dvc repro"
-    stages = {r.info.run_name: r for r in runs if r.data.tags.get("pipeline.kind") == "stage"}
+    assert len(parents) == 1 and parents[0].info.run_name == "tiny fp32 tp1pp1"
+    stages = {r.data.tags["dvc.stage"]: r for r in runs if r.data.tags.get("pipeline.kind") == "stage"}
     assert set(stages) == STAGES
+    assert all(r.info.run_name == f"{name} · tiny fp32 tp1pp1" for name, r in stages.items())
     assert all(r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id for r in stages.values())
+    # The invocation run carries the headline params and the numbers of metrics/headline.json.
+    assert parents[0].data.params["model.name"] == "tiny" and parents[0].data.params["parallel.tp"] == "1"
+    assert parents[0].data.metrics["torch.bs1_in32_out32.tpot_ms_p50"] > 0
+    assert "system/cpu_utilization_percentage" in stages["benchmark"].data.metrics
     # The dependency hashes tagged on each run are the ones DVC wrote to dvc.lock.
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     for name, r in stages.items():
@@ -134,7 +140,8 @@ def test_int8_precision_benchmarks_the_quantized_graph_and_skips_what_cannot_run
     metrics = json.loads((project / "metrics/benchmark.json").read_text())
     conditions = json.loads((project / "metrics/benchmark_conditions.json").read_text())
     assert set(metrics) == {"onnxruntime"} and conditions["onnxruntime"]["onnx_graph"] == "int8-qdq"
-    assert "precision.name=int8 not supported" in conditions["torch"]["skipped"]
+    assert "backend torch runs precisions fp32, fp16, bf16, not int8" in conditions["torch"]["skipped"]
+    assert "not int8" in conditions["torch-tp"]["skipped"]
     assert "was not run" in (project / "reports/report.md").read_text()
 
 
@@ -149,6 +156,12 @@ def test_tp2_pp2_builds_and_verifies_both_checkpoints(project, first_repro):
     assert (project / "artifacts/ft/2-gpu/config.ini").is_file()
     assert sorted(p.name for p in (project / "artifacts/trtllm").glob("rank*.safetensors")) == [
         f"rank{r}.safetensors" for r in range(4)]
+    # The parallel layout is benchmarked by the distributed backend, and every row says its layout.
+    rows = list(csv.DictReader((project / "plots/benchmark_runs.csv").open()))
+    layouts = {(r["backend"], r["tp"], r["pp"]) for r in rows}
+    assert ("torch-tp", "2", "2") in layouts and ("torch", "1", "1") in layouts
+    conditions = json.loads((project / "metrics/benchmark_conditions.json").read_text())
+    assert conditions["parallel"] == {"tp": 2, "pp": 2, "benchmarked_by": ["torch-tp"]}
 
 
 def test_calibration_method_switch_reruns_calibration_and_what_reads_it(project, first_repro):
@@ -156,3 +169,25 @@ def test_calibration_method_switch_reruns_calibration_and_what_reads_it(project,
     assert {"calibrate", "evaluate"} <= ran and not ran & {"weights", "export_onnx", "convert_ft", "verify_parallel"}
     accuracy = json.loads((project / "metrics/evaluate.json").read_text())
     assert accuracy["onnx_int8"]["gate_pass"] == 1
+
+
+def test_a_queued_experiment_that_changes_only_the_benchmark_reruns_only_the_benchmark(project, first_repro):
+    """Queued experiments run in a temporary copy with no outputs: artifacts that are byte-identical across
+    checkouts come back from DVC's run-cache instead of being rebuilt."""
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "before queue", "--allow-empty"],
+        project, project_env())
+    run(["dvc", "exp", "run", "--queue", "-n", "queued-bench", "-S", "benchmark.measured_runs=3"], project, project_env())
+    run(["dvc", "exp", "run", "--run-all"], project, project_env(), timeout=900)
+    logs = run(["dvc", "queue", "logs", "queued-bench"], project, project_env()).stdout
+    assert _ran(logs) == {"benchmark", "report"}, logs[-3000:]
+    assert "'export_onnx' is cached" in logs and "'calibrate' is cached" in logs and "'evaluate' is cached" in logs
+
+
+def test_copy_of_a_project_after_repro_is_a_fresh_clone(project, first_repro, tmp_path):
+    """README command 2 after command 1 in one clone: the tests' copy must not inherit dvc.lock or outputs."""
+    copy = copy_project(tmp_path / "again", src_root=project)
+    assert not (copy / "dvc.lock").exists()
+    assert (project / "dvc.lock").exists() and (project / "plots/benchmark_runs.csv").exists()
+    for produced in ("plots/benchmark_runs.csv", "metrics/benchmark_conditions.json"):
+        tracked = run(["git", "ls-files", produced], project, project_env()).stdout.strip()
+        assert (copy / produced).exists() == bool(tracked), produced

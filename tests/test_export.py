@@ -1,4 +1,5 @@
-"""pipeline/export.py: ONNX decoder with KV cache vs the Hugging Face torch reference."""
+"""pipeline/export.py: ONNX decoder with KV cache vs the Hugging Face torch reference (reproducibility:
+test_onnx_reproducible.py)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def test_parity_prefill_then_multi_token_step_with_past(onnx_tiny_dir, onnx_expo
     then 1 token; each side feeds its own cache back."""
     from transformers import DynamicCache
 
-    from pipeline.export import empty_past_feeds, load_hf_model, ort_session
+    from pipeline.model.hf import load_hf_model
+    from pipeline.onnx_io import empty_past_feeds, ort_session
 
     model = load_hf_model(onnx_tiny_dir)
     session = ort_session(onnx_export[0] / "model.onnx")
@@ -53,7 +55,8 @@ def test_parity_prefill_then_multi_token_step_with_past(onnx_tiny_dir, onnx_expo
 
 
 def test_parity_inputs_text_with_tokenizer(onnx_tiny_dir, onnx_export):
-    from pipeline.export import PARITY_PROMPTS, load_tokenizer, parity_rows
+    from pipeline.export import PARITY_PROMPTS, parity_rows
+    from pipeline.model.hf import load_tokenizer
 
     assert onnx_export[1]["parity_inputs"] == "text"
     rows, kind = parity_rows(onnx_tiny_dir, PARITY_PROMPTS)
@@ -63,7 +66,8 @@ def test_parity_inputs_text_with_tokenizer(onnx_tiny_dir, onnx_export):
 
 
 def test_parity_rows_without_tokenizer_are_seeded_random_ids(onnx_notok_dir):
-    from pipeline.export import PARITY_PROMPTS, PARITY_RANDOM_LENGTHS, has_tokenizer, load_tokenizer, parity_rows
+    from pipeline.export import PARITY_PROMPTS, PARITY_RANDOM_LENGTHS, parity_rows
+    from pipeline.model.hf import has_tokenizer, load_tokenizer
 
     assert not has_tokenizer(onnx_notok_dir)
     rows, kind = parity_rows(onnx_notok_dir, PARITY_PROMPTS)
@@ -132,7 +136,7 @@ def test_one_graph_with_named_dynamic_dims(onnx_export):
 
 
 def test_manifest_last_with_graph_statistics(onnx_export):
-    from pipeline.export import count_ops
+    from pipeline.onnx_io import count_ops
 
     out_dir, manifest = onnx_export
     assert artifacts.verify_manifest(out_dir)["kind"] == "onnx-model"

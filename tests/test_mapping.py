@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.parallel.mapping import Mapping
+from pipeline.parallel.mapping import Mapping, check_layout
 
 
 def test_rank_layout_tp_fastest():
@@ -47,11 +47,26 @@ def test_layer_ranges_follow_tensor_split(layers, pp, expected):
 
 
 def test_even_split_required_for_fastertransformer():
-    assert Mapping(1, 2, rank=1).layers(4, even=True) == range(2, 4)
-    with pytest.raises(PipelineError, match="must divide num_hidden_layers=4"):
-        Mapping(1, 3).layers(4, even=True)
-    with pytest.raises(PipelineError, match="exceeds num_hidden_layers=4"):
+    assert Mapping(1, 2, rank=1).layers(4, "ft") == range(2, 4)
+    with pytest.raises(PipelineError, match="parallel.pp must divide model.num_layers=4 for FasterTransformer"):
+        Mapping(1, 3).layers(4, "ft")
+    assert Mapping(1, 3).layers(4, "trtllm") == range(0, 2)  # TensorRT-LLM: the first stage gets the extra layer
+    with pytest.raises(PipelineError, match="parallel.pp must be <= model.num_layers=4; got 5"):
         Mapping(1, 5).layers(4)
+
+
+@pytest.mark.parametrize("fmt,tp,pp,match", [
+    ("ft", 4, 1, "must divide model.num_kv_heads=2 for FasterTransformer"),
+    ("trtllm", 3, 1, "must divide model.num_heads=8; got 3"),
+    ("trtllm", 1, 5, "must be <= model.num_layers=4"),
+    ("ft", 2, 3, "must divide model.num_layers=4 for FasterTransformer"),
+    ("xx", 1, 1, "convert.formats: unknown format 'xx'"),
+])
+def test_one_layout_check_for_config_converters_and_runner(fmt, tp, pp, match):
+    shape = dict(num_heads=8, num_kv_heads=2, num_layers=4, intermediate_size=192)
+    with pytest.raises(PipelineError, match=match):
+        check_layout(tp, pp, formats=[fmt], **shape)
+    check_layout(4, 3, formats=["trtllm"], **shape)  # KV heads replicated, uneven stages: fine for TensorRT-LLM
 
 
 @pytest.mark.parametrize("kwargs,match", [

@@ -1,35 +1,166 @@
-"""Stage `report` library: markdown + PNG plots from metrics files; clear errors when inputs are missing."""
+"""Stage `report` library, built from a real benchmark and evaluation of the tiny model: report.md + PNGs,
+metrics/headline.json, the `dvc plots` data; and one-line errors that leave nothing behind."""
 
 from __future__ import annotations
 
+import json
+import shutil
+from collections import defaultdict
+
 import pytest
+from PIL import Image
 
 from pipeline import report
-from pipeline.benchmark import results, runner
-from pipeline.backends.registry import load_backend_class
-from pipeline.config import BenchmarkConfig, HardwareConfig, PrecisionConfig
 from pipeline.artifacts import atomic_write_json
+from pipeline.backends.base import BackendInputs
+from pipeline.backends.registry import load_backend_class
+from pipeline.benchmark import results, runner
+from pipeline.config import BenchmarkConfig
 from pipeline.errors import PipelineError
+from pipeline.evaluate import evaluate
+from pipeline.report.headline import HEADLINE_METRICS
+from pipeline.report.tables import PLOT_DATA_FIELDS
+
+# bf16, so the accuracy delta the headline picks up (torch_bf16) is not the reference's trivial 0.
+PRECISION = "bf16"
+BENCH = BenchmarkConfig(prompt_lengths=[4, 8], output_length=3, batch_sizes=[1, 2], warmup_runs=0, measured_runs=2)
+SCENARIOS = {"bs1_in4_out3", "bs2_in4_out3", "bs1_in8_out3", "bs2_in8_out3"}
 
 
-def test_report_from_real_benchmark_results(tmp_path, tiny_model_dir):
-    backend = load_backend_class("torch")(tiny_model_dir, PrecisionConfig("fp32"), HardwareConfig("cpu"))
-    bench = BenchmarkConfig(prompt_lengths=[4, 8], output_length=3, batch_sizes=[1, 2], warmup_runs=0, measured_runs=2)
-    raw = {"torch": runner.benchmark_backend(backend, bench, vocab_size=512)}
-    results.write_results(raw, tmp_path / "b.json", tmp_path / "c.json", tmp_path / "runs.csv")
-    atomic_write_json(tmp_path / "w.json", {"parameter_count": 254528, "bytes": 1000, "seconds": 0.1})
-    inputs = report.ReportInputs(tmp_path / "b.json", tmp_path / "c.json", tmp_path / "runs.csv", tmp_path / "w.json",
-                                 tiny_model_dir)
-    built = report.build(inputs, tmp_path / "reports")
-    assert built["files"] == ["report.md", "latency.png", "throughput.png", "tpot_distribution.png"]
-    md = (tmp_path / "reports/report.md").read_text()
+def _count_numbers(data) -> int:
+    if isinstance(data, dict):
+        return sum(_count_numbers(v) for v in data.values())
+    return int(isinstance(data, (int, float)) and not isinstance(data, bool))
+
+
+@pytest.fixture(scope="module")
+def metrics_dir(tmp_path_factory, tiny_model_dir):
+    """benchmark.json, conditions, runs CSV, evaluate.json and weights.json as the stages write them."""
+    d = tmp_path_factory.mktemp("metrics")
+    backend = load_backend_class("torch")(BackendInputs("torch", tiny_model_dir, PRECISION, "cpu"))
+    raw = {"torch": runner.benchmark_backend(backend, BENCH, vocab_size=512)}
+    results.write_results(raw, d / "b.json", d / "c.json", d / "runs.csv")
+    scored = evaluate(tiny_model_dir, torch_precisions=("fp32", PRECISION), max_sequences=2)
+    atomic_write_json(d / "e.json", {**scored["metrics"], "reference_ppl": scored["reference_ppl"],
+                                      "scored_positions": scored["scored_positions"]})
+    atomic_write_json(d / "w.json", {"parameter_count": 254528, "bytes": 1000, "seconds": 0.1})
+    return d
+
+
+def _inputs(d, model_dir, **overrides) -> report.ReportInputs:
+    kwargs = dict(benchmark=d / "b.json", conditions=d / "c.json", runs=d / "runs.csv", weights_metrics=d / "w.json",
+                  weights_dir=model_dir, evaluate=d / "e.json")
+    return report.ReportInputs(**{**kwargs, **overrides})
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, metrics_dir, tiny_model_dir):
+    out = tmp_path_factory.mktemp("out")
+    result = report.build(_inputs(metrics_dir, tiny_model_dir), out / "reports", headline_path=out / "headline.json",
+                          plot_data_path=out / "plots.json")
+    return out, result
+
+
+def test_report_from_real_benchmark_results(built):
+    out, result = built
+    assert result["files"] == ["report.md", "latency.png", "throughput.png", "tpot_distribution.png", "accuracy.png"]
+    assert sorted(p.name for p in (out / "reports").iterdir()) == sorted(result["files"])
+    md = (out / "reports/report.md").read_text()
     assert "| bs2_in8_out3 |" in md and "254,528 parameters" in md and "![latency.png](latency.png)" in md
-    for png in built["files"][1:]:
-        assert (tmp_path / "reports" / png).read_bytes()[:4] == b"\x89PNG"
+    assert "| torch_bf16 |" in md and "(`torch_bf16`)" in md
+    for png in result["files"][1:]:
+        with Image.open(out / "reports" / png) as img:
+            img.verify()  # raises on a truncated or corrupt file
+        with Image.open(out / "reports" / png) as img:
+            assert img.format == "PNG" and img.width > 300 and img.height > 200
 
 
-def test_report_names_the_missing_input(tmp_path, tiny_model_dir):
-    with pytest.raises(PipelineError, match=r"b.json: missing; run the stage that writes it"):
-        report.build(report.ReportInputs(tmp_path / "b.json", tmp_path / "c.json", tmp_path / "runs.csv",
-                                         tmp_path / "w.json", tiny_model_dir), tmp_path / "reports")
+def test_headline_holds_the_p50s_and_the_accuracy_of_the_artifact_the_backend_ran(built, metrics_dir):
+    out, result = built
+    head = json.loads((out / "headline.json").read_text())
+    assert head == result["headline"]
+    bench = json.loads((metrics_dir / "b.json").read_text())
+    scored = json.loads((metrics_dir / "e.json").read_text())
+    assert set(head) == {"torch"}
+    assert set(head["torch"]) == SCENARIOS | {"ppl_delta_pct"}
+    assert head["torch"]["ppl_delta_pct"] == pytest.approx(scored[f"torch_{PRECISION}"]["ppl_delta_pct"], rel=1e-3)
+    assert head["torch"]["ppl_delta_pct"] != 0  # bf16, not the fp32 reference
+    for key in SCENARIOS:
+        assert head["torch"][key] == {m: bench["torch"][key][m] for m in HEADLINE_METRICS if m != "ppl_delta_pct"}
+    assert _count_numbers(head) == len(SCENARIOS) * 3 + 1
+
+
+def test_plot_data_is_one_series_per_backend_ordered_by_scenario_shape(built):
+    out, _ = built
+    records = json.loads((out / "plots.json").read_text())
+    assert all(set(r) == set(PLOT_DATA_FIELDS) for r in records)
+    series = defaultdict(list)
+    for r in records:
+        series[r["backend"]].append(r)
+    assert list(series) == ["torch"]
+    # One point per scenario (a line needs one y per x), small prompts first, then by batch size.
+    assert [r["scenario"] for r in series["torch"]] == ["bs1_in4_out3", "bs2_in4_out3", "bs1_in8_out3", "bs2_in8_out3"]
+    assert all(r["tp"] == 1 and r["pp"] == 1 and r["tpot_ms_p50"] > 0 for r in records)
+
+
+def test_report_sections_for_the_onnx_and_parallel_inputs(tmp_path, metrics_dir, tiny_model_dir):
+    graph = {"ops_before": {"MatMul": 37, "Mul": 51}, "ops_after_ort": {"MatMul": 33, "FusedMatMul": 4, "Mul": 39},
+             "ort_optimization": "all"}
+    export = {"prefill_max_abs_diff": 1e-6, "prefill_top1_agreement": 1.0, "decode_max_abs_diff": 1e-6,
+              "decode_top1_agreement": 1.0, "nodes_before": 88, "nodes_after_ort": 76, "stage_s": 9.0}
+    verify = {"ft": {"logits_max_abs_diff": 1e-6, "top1_agreement": 1.0, "generation_token_exact": 1, "gate_pass": 1},
+              "layout": {"tp": 2, "pp": 1}}
+    for name, data in (("g.json", graph), ("x.json", export), ("v.json", verify), ("k.json", {"calibration_feeds": 32})):
+        atomic_write_json(tmp_path / name, data)
+    result = report.build(_inputs(metrics_dir, tiny_model_dir, graph=tmp_path / "g.json", export=tmp_path / "x.json",
+                                  verify=tmp_path / "v.json", calibrate=tmp_path / "k.json"), tmp_path / "reports")
+    assert result["files"][-1] == "onnx_ops.png"
+    md = (tmp_path / "reports/report.md").read_text()
+    assert "| FusedMatMul | 0 | 4 |" in md and "(tp=2, pp=1)" in md and "| ft |" in md
+    with Image.open(tmp_path / "reports/onnx_ops.png") as img:
+        img.verify()
+
+
+@pytest.mark.parametrize("missing", ["benchmark", "conditions", "runs", "weights_metrics", "evaluate", "manifest"])
+def test_a_missing_input_is_named_in_one_line_and_nothing_is_written(tmp_path, metrics_dir, tiny_model_dir, missing):
+    model_dir = tmp_path / "weights"
+    shutil.copytree(tiny_model_dir, model_dir)
+    d = tmp_path / "metrics"
+    shutil.copytree(metrics_dir, d)
+    inputs = _inputs(d, model_dir)
+    gone = model_dir / "manifest.json" if missing == "manifest" else getattr(inputs, missing)
+    gone.unlink()
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "reports").mkdir()
+    (out / "reports/report.md").write_text("previous report\n")
+    with pytest.raises(PipelineError) as e:
+        report.build(inputs, out / "reports", headline_path=out / "headline.json", plot_data_path=out / "plots.json")
+    message = str(e.value)
+    assert message.startswith(f"{gone}: missing") and "dvc repro" in message and "\n" not in message
+    # The previous report is untouched and nothing new (not even a .partial/ or .tmp) was left.
+    assert sorted(p.name for p in out.rglob("*")) == ["report.md", "reports"]
+    assert (out / "reports/report.md").read_text() == "previous report\n"
+
+
+def test_an_incomplete_input_is_named_in_one_line(tmp_path, metrics_dir, tiny_model_dir):
+    d = tmp_path / "metrics"
+    shutil.copytree(metrics_dir, d)
+    bench = json.loads((d / "b.json").read_text())
+    del bench["torch"]["bs2_in8_out3"]["tpot_ms_p50"]
+    atomic_write_json(d / "b.json", bench)
+    with pytest.raises(PipelineError, match=r"^\S+b\.json: torch\.bs2_in8_out3 lacks tpot_ms_p50; rerun"):
+        report.build(_inputs(d, tiny_model_dir), tmp_path / "reports")
+    (d / "e.json").write_text("{not json")
+    with pytest.raises(PipelineError, match=r"^\S+e\.json: not valid JSON"):
+        report.build(_inputs(d, tiny_model_dir), tmp_path / "reports")
     assert not (tmp_path / "reports").exists()
+
+
+def test_benchmark_and_runs_must_agree(tmp_path, metrics_dir, tiny_model_dir):
+    d = tmp_path / "metrics"
+    shutil.copytree(metrics_dir, d)
+    lines = (d / "runs.csv").read_text().splitlines()
+    (d / "runs.csv").write_text("\n".join(line for line in lines if "bs2_in8_out3" not in line) + "\n")
+    with pytest.raises(PipelineError, match=r"runs\.csv: no runs for torch/bs2_in8_out3 of \S+b\.json"):
+        report.build(_inputs(d, tiny_model_dir), tmp_path / "reports")

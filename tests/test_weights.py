@@ -80,6 +80,13 @@ def test_local_source_copies_only_safe_files_and_checks_the_shape(tiny_model_dir
     with pytest.raises(PipelineError, match=r"num_hidden_layers=4 but model.num_layers=32"):
         weights.build(wrong, tmp_path / "wrong")
     assert not (tmp_path / "wrong").exists() and not (tmp_path / "wrong.partial").exists()
+    # The tiny model is stored as float32: a dtype that would need a conversion is refused, not ignored.
+    half = dataclasses.replace(local, dtype="bfloat16")
+    with pytest.raises(PipelineError, match=r"weights are stored as float32 but model.dtype=bfloat16; .*set "
+                                            r"model.dtype=null"):
+        weights.build(half, tmp_path / "half")
+    assert not (tmp_path / "half").exists()
+    assert weights.build(dataclasses.replace(local, dtype=None), tmp_path / "as-stored")["dtype"] == "float32"
 
 
 def test_local_source_refuses_pickles_and_corrupt_safetensors(tiny_model_dir, default_cfg, tmp_path):
@@ -106,19 +113,25 @@ def test_hub_source_pins_the_revision_and_keeps_the_token_out_of_outputs(tiny_mo
 
     calls = {}
 
+    from huggingface_hub.hf_api import RepoSibling
+
+    files = [p for p in tiny_model_dir.iterdir() if p.name != "manifest.json"]
+
     class FakeApi:
         def __init__(self, token=None):
             calls["api_token"] = token
 
-        def model_info(self, repo_id, revision=None):
-            calls["info"] = (repo_id, revision)
-            return type("Info", (), {"sha": "0123456789abcdef0123456789abcdef01234567"})()
+        def model_info(self, repo_id, revision=None, files_metadata=False):
+            calls["info"] = (repo_id, revision, files_metadata)
+            # the listing also holds files that the allow patterns leave out
+            siblings = [RepoSibling(p.name, size=p.stat().st_size) for p in files] + [
+                RepoSibling("original/consolidated.00.pth", size=10**12), RepoSibling("README.md", size=10**12)]
+            return type("Info", (), {"sha": "0123456789abcdef0123456789abcdef01234567", "siblings": siblings})()
 
     def fake_snapshot_download(repo_id, revision, local_dir, allow_patterns, token):
         calls["download"] = dict(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns, token=token)
-        for p in tiny_model_dir.iterdir():
-            if p.name != "manifest.json":
-                shutil.copy(p, Path(local_dir) / p.name)
+        for p in files:
+            shutil.copy(p, Path(local_dir) / p.name)
         (Path(local_dir) / ".cache").mkdir()
         return local_dir
 
@@ -128,7 +141,7 @@ def test_hub_source_pins_the_revision_and_keeps_the_token_out_of_outputs(tiny_mo
     hub = dataclasses.replace(default_cfg.model, source="hub", hub_id="org/tiny-llama3", revision="main",
                               tokenizer="source")
     manifest = weights.build(hub, tmp_path / "out")
-    assert calls["info"] == ("org/tiny-llama3", "main")
+    assert calls["info"] == ("org/tiny-llama3", "main", True)
     assert calls["download"]["revision"] == "0123456789abcdef0123456789abcdef01234567"
     assert calls["download"]["token"] == "hf_secret_value" == calls["api_token"]
     assert "*.safetensors" in calls["download"]["allow_patterns"]
@@ -148,7 +161,7 @@ def test_hub_errors_are_one_line(default_cfg, tmp_path, monkeypatch):
         def __init__(self, token=None):
             pass
 
-        def model_info(self, repo_id, revision=None):
+        def model_info(self, repo_id, revision=None, files_metadata=False):
             # Built without an HTTP response object: only the type matters to the code under test.
             error = GatedRepoError.__new__(GatedRepoError)
             Exception.__init__(error, "403 gated")
@@ -192,3 +205,18 @@ def test_local_checkpoint_without_tokenizer_is_refused(tiny_model_dir, default_c
     with pytest.raises(PipelineError, match="no tokenizer.json"):
         weights.build(local, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_local_copy_is_identical_in_any_output_directory(tiny_model_dir, default_cfg, tmp_path):
+    """The same config gives the same bytes wherever the artifact is built (another clone, DVC's temp
+    workspace): nothing in the directory names where it was written."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model_dir, src)
+    local = dataclasses.replace(default_cfg.model, source="local", local_dir=str(src), tokenizer="source")
+    one, two = tmp_path / "a" / "weights", tmp_path / "clone" / "artifacts" / "weights"
+    weights.build(local, one)
+    weights.build(local, two)
+    assert sorted(p.name for p in one.iterdir()) == sorted(p.name for p in two.iterdir())
+    for p in one.iterdir():
+        assert p.read_bytes() == (two / p.name).read_bytes(), p.name
+        assert str(one).encode() not in p.read_bytes(), p.name

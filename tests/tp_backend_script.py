@@ -6,12 +6,11 @@ from pathlib import Path
 
 import torch
 
-from pipeline.backends.torch_tp import TorchTPBackend
-from pipeline.config import HardwareConfig, PrecisionConfig
+from tests.helpers import make_backend
 
 
-def main(model_dir: str, out: str) -> None:
-    backend = TorchTPBackend(Path(model_dir), PrecisionConfig("fp32"), HardwareConfig("cpu"))
+def main(checkpoint: str, out: str) -> None:
+    backend = make_backend("torch-tp", Path(checkpoint))
     backend.load()
     prompt = torch.randint(2, 512, (3, 9), generator=torch.Generator().manual_seed(0))
     backend.prepare(3, 9 + 6)

@@ -1,28 +1,34 @@
 """What a benchmark backend implements. The runner owns all timing, so every backend is measured the
-same way: it only has to load the model, run a prefill and run one decode step."""
+same way: it only has to load the model, run a prefill and run one decode step.
+
+A backend never looks for its inputs: the benchmark hands it `BackendInputs` with the explicit path of the
+artifact its registry entry declares (manifest already verified), the precision and the device."""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
 
 import torch
 
-from pipeline.config import HardwareConfig, PrecisionConfig
+
+@dataclass(frozen=True)
+class BackendInputs:
+    backend: str          # the registry name (also the metrics key)
+    artifact: Path        # directory of the artifact the registry entry declares for this precision
+    precision: str        # precision.name
+    device: str           # hardware.device
+    num_threads: int = 0  # hardware.num_threads (0 = library default)
 
 
 class Backend(ABC):
-    name: ClassVar[str]
-    # True: the benchmark launches the worker under torchrun with parallel.tp * parallel.pp ranks.
-    distributed: ClassVar[bool] = False
-    supported_precisions: ClassVar[tuple[str, ...]] = ("fp32", "fp16", "bf16")
-
-    def __init__(self, model_dir: Path, precision: PrecisionConfig, hardware: HardwareConfig):
-        self.model_dir = Path(model_dir)
-        self.precision = precision
-        self.hardware = hardware
-        self.device = torch.device(hardware.device)
+    def __init__(self, inputs: BackendInputs):
+        self.inputs = inputs
+        self.name = inputs.backend
+        self.artifact = Path(inputs.artifact)
+        self.precision = inputs.precision
+        self.device = torch.device(inputs.device)
 
     @abstractmethod
     def load(self) -> None:
@@ -51,6 +57,11 @@ class Backend(ABC):
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
+    def layout(self) -> tuple[int, int]:
+        """(tp, pp) this backend runs with; 1, 1 unless it is distributed."""
+        return 1, 1
+
     def describe(self) -> dict[str, str]:
         """Facts about this backend worth recording next to its numbers."""
-        return {"backend": self.name, "device": str(self.device), "precision": self.precision.name}
+        return {"backend": self.name, "device": str(self.device), "precision": self.precision,
+                "artifact": self.artifact.as_posix()}

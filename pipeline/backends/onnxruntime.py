@@ -6,60 +6,38 @@ round trip through numpy. Only the logits are copied to the host (for the argmax
 step also pays one [batch, seq, vocab] device-to-host copy (the graph returns logits for every
 position, which evaluate needs; for long prompts with a 128k vocabulary that copy is large).
 
-Which graph: keyword `onnx_path`, else by precision: fp32 -> `<model_dir>/../onnx/model.onnx`, int8 ->
-`<model_dir>/../onnx_int8/model.onnx` (artifacts/onnx and artifacts/onnx_int8 next to artifacts/weights).
-load() checks that the graph matches the precision label (int8 needs QuantizeLinear nodes, fp32 must
-have none), so a result labelled int8 is never an fp32 run or the other way round."""
+Which graph: the benchmark hands over the directory its registry entry declares (artifacts/onnx for fp32,
+artifacts/onnx_int8 for int8). load() checks that the graph matches the precision label (int8 needs
+QuantizeLinear nodes, fp32 must have none), so a result labelled int8 is never an fp32 run or the other way round."""
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import ClassVar
 
 import numpy as np
 import torch
 
 from pipeline.backends.base import Backend
-from pipeline.config import HardwareConfig, PrecisionConfig
 from pipeline.errors import PipelineError
+from pipeline.onnx_io import MODEL_FILE
 
 
-GRAPH_DIRS = {"fp32": "onnx", "int8": "onnx_int8"}  # precision -> artifacts/<dir>, beside artifacts/weights
-
-
-def default_onnx_path(model_dir: Path, precision: str = "fp32") -> Path:
-    if precision not in GRAPH_DIRS:
-        raise PipelineError(f"precision.name={precision}: backend onnxruntime runs {' or '.join(GRAPH_DIRS)} graphs; "
-                            f"use one of those or drop onnxruntime from benchmark.backends")
-    return Path(model_dir).parent / GRAPH_DIRS[precision] / "model.onnx"
 
 
 class OnnxRuntimeBackend(Backend):
-    name = "onnxruntime"
-    supported_precisions: ClassVar[tuple[str, ...]] = ("fp32", "int8")
-
-    def __init__(self, model_dir: Path, precision: PrecisionConfig, hardware: HardwareConfig, *,
-                 onnx_path: Path | None = None):
-        super().__init__(model_dir, precision, hardware)
-        if onnx_path is not None:
-            self.onnx_path: Path | None = Path(onnx_path)
-        else:  # an unsupported precision has no default graph; load() says so
-            self.onnx_path = default_onnx_path(self.model_dir, precision.name) \
-                if precision.name in self.supported_precisions else None
+    def __init__(self, inputs):
+        super().__init__(inputs)
+        self.onnx_path = self.artifact / MODEL_FILE
 
     def load(self) -> None:
         import onnx
         import onnxruntime as ort
 
-        from pipeline.export import ort_session
+        from pipeline.onnx_io import ort_session
 
-        precision = self.precision.name
-        if precision not in self.supported_precisions:
-            raise PipelineError(f"precision.name={precision}: backend onnxruntime runs the exported fp32 graph or "
-                                f"its INT8 QDQ model; use precision=fp32 or int8, or drop it from benchmark.backends")
+        precision = self.precision
         if not self.onnx_path.is_file():
-            stage = "calibrate" if precision == "int8" else "export"
-            raise PipelineError(f"{self.onnx_path}: not found; run the {stage} stage first (dvc repro {stage})")
+            raise PipelineError(f"{self.onnx_path}: not found in the artifact handed to backend onnxruntime; "
+                                f"rebuild it (dvc repro)")
         ops = {n.op_type for n in onnx.load(str(self.onnx_path), load_external_data=False).graph.node}
         self.quantized = "QuantizeLinear" in ops
         if self.quantized != (precision == "int8"):
@@ -68,14 +46,14 @@ class OnnxRuntimeBackend(Backend):
                 "onnx/model.onnx from the export stage"
             raise PipelineError(f"{self.onnx_path}: precision.name={precision} but the graph has {found}; "
                                 f"point the backend at {want}")
-        if self.hardware.device == "cuda":
+        if self.device.type == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise PipelineError("hardware.device=cuda but onnxruntime has no CUDAExecutionProvider; install "
                                     "onnxruntime-gpu (the `gpu` extra) or use hardware=cpu")
             providers, self.ort_device = ["CUDAExecutionProvider", "CPUExecutionProvider"], "cuda"
         else:
             providers, self.ort_device = ["CPUExecutionProvider"], "cpu"
-        self.session = ort_session(self.onnx_path, providers=providers, num_threads=self.hardware.num_threads)
+        self.session = ort_session(self.onnx_path, providers=providers, num_threads=self.inputs.num_threads)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.past_names = [n.replace("present.", "past_key_values.") for n in self.output_names[1:]]
         kv = {i.name: i.shape for i in self.session.get_inputs() if i.name.startswith("past_key_values.")}
@@ -124,7 +102,7 @@ class OnnxRuntimeBackend(Backend):
         return self._step(tokens.detach().cpu().numpy()[:, None], self.past)
 
     def describe(self) -> dict[str, str]:
-        facts = {**super().describe(), "onnx_path": str(self.onnx_path)}
+        facts = super().describe()
         if hasattr(self, "session"):
             facts.update(onnx_graph="int8-qdq" if self.quantized else "fp32",
                          execution_provider=self.session.get_providers()[0])

@@ -8,19 +8,17 @@ import torch
 
 from pipeline.backends.base import Backend
 from pipeline.errors import PipelineError
+from pipeline.precision import torch_dtype
 
 
 class TorchEagerBackend(Backend):
-    name = "torch"
-
     def load(self) -> None:
         from transformers import LlamaForCausalLM
 
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise PipelineError("hardware.device=cuda but torch sees no CUDA device; use hardware=cpu")
-        dtype = getattr(torch, self.precision.torch_dtype_name)
         self.model = LlamaForCausalLM.from_pretrained(
-            str(self.model_dir), dtype=dtype, use_safetensors=True, trust_remote_code=False
+            str(self.artifact), dtype=torch_dtype(self.precision), use_safetensors=True, trust_remote_code=False
         ).to(self.device).eval()
         self.cache = None
 

@@ -7,43 +7,31 @@ rank); on CPU it runs over gloo, which proves correctness but is not a performan
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import torch
 
 from pipeline.backends.base import Backend
 from pipeline.errors import PipelineError
-from pipeline.paths import TRTLLM_DIR
 
 
 class TorchTPBackend(Backend):
-    name = "torch-tp"
-    distributed = True
-
     def load(self) -> None:
         import torch.distributed as dist
 
         from pipeline import artifacts
+        from pipeline.convert.load import load_stage
+        from pipeline.parallel import launch
         from pipeline.parallel.mapping import Mapping
         from pipeline.parallel.pp import Stage
-        from pipeline.parallel.run import load_stage
         from pipeline.parallel.tp import apply_tp, new_tp_group
 
-        if "RANK" not in os.environ:
-            raise PipelineError("backend torch-tp runs under torchrun; the benchmark stage launches it")
-        ckpt = Path(os.environ.get("PIPELINE_TP_CHECKPOINT", TRTLLM_DIR))
-        manifest = artifacts.verify_manifest(ckpt)
+        manifest = artifacts.read_manifest(self.artifact)  # verified by the benchmark stage before launch
         if manifest.get("skipped"):
-            raise PipelineError(f"{ckpt}: {manifest['reason']}; backend torch-tp needs the TensorRT-LLM checkpoint")
-        if self.device.type == "cuda":
-            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(self.device)
-        backend = "nccl" if self.device.type == "cuda" else "gloo"
-        dist.init_process_group(backend, device_id=self.device if backend == "nccl" else None)
+            raise PipelineError(f"{self.artifact}: {manifest['reason']}; backend torch-tp needs the TensorRT-LLM "
+                                f"checkpoint")
+        self.device = launch.init_rank(self.device.type, "backend torch-tp runs under torchrun; the benchmark "
+                                                         "stage launches it")
         self.mapping = Mapping(manifest["tp"], manifest["pp"], rank=dist.get_rank(), world_size=dist.get_world_size())
-        dtype = self.precision.name if self.precision.name in ("fp32", "fp16", "bf16") else None
-        model, _ = load_stage("trtllm", ckpt, self.mapping, self.device, dtype)
+        model, _ = load_stage("trtllm", self.artifact, self.mapping, self.device, self.precision)
         apply_tp(model, new_tp_group(self.mapping), self.mapping.tp)
         self.stage = Stage(model, self.mapping, self.device)
         self.pos = 0
@@ -51,6 +39,9 @@ class TorchTPBackend(Backend):
     @property
     def is_reporting_rank(self) -> bool:
         return self.mapping.rank == 0
+
+    def layout(self) -> tuple[int, int]:
+        return self.mapping.tp, self.mapping.pp
 
     def prepare(self, batch_size: int, max_seq_len: int) -> None:
         self.stage.model.setup_cache(batch_size, max_seq_len)
@@ -80,12 +71,9 @@ class TorchTPBackend(Backend):
         return self._next_tokens(logits, tokens.shape[0])
 
     def close(self) -> None:
-        import torch.distributed as dist
+        from pipeline.parallel import launch
 
-        if dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
+        launch.shutdown()
 
     def describe(self) -> dict[str, str]:
-        return {**super().describe(), "tp": str(self.mapping.tp), "pp": str(self.mapping.pp),
-                "memory_scope": "rank 0"}
+        return {**super().describe(), "memory_scope": "rank 0"}

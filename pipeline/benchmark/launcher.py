@@ -1,8 +1,13 @@
 """One fresh process per backend, so one backend's allocations, threads and compiled kernels never
-colour another's numbers (optimum-benchmark's process launcher)."""
+colour another's numbers (optimum-benchmark's process launcher).
+
+The launcher decides what runs: each backend's registry entry says which precisions and devices it can run,
+whether it is distributed, and which artifact it loads. The launcher verifies that artifact's manifest once
+and hands the backend its explicit path."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -10,44 +15,88 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from pipeline import artifacts, paths
+from pipeline.backends.registry import BackendSpec, spec
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
+from pipeline.parallel import launch
 from pipeline.progress import console
 
 
-def worker_command(name: str, params_path: Path, model_dir: Path, result_path: Path, world_size: int) -> list[str]:
-    from pipeline.backends.registry import load_backend_class
+@dataclasses.dataclass
+class Plan:
+    jobs: dict[str, dict[str, Any]]   # backend -> job (what the worker gets)
+    skipped: dict[str, str]           # backend -> why it does not run
+    parallel: dict[str, Any]          # how parallel.tp x parallel.pp is covered
 
-    launch = [sys.executable]
-    if load_backend_class(name).distributed:
+
+def artifact_dir(backend: BackendSpec, precision: str) -> Path:
+    """The verified directory of the artifact `backend` declares for `precision`."""
+    kind = backend.artifact_for(precision)
+    art = paths.ARTIFACTS[kind]
+    manifest = artifacts.verify_manifest(art.path)
+    if manifest.get("skipped"):
+        raise PipelineError(f"{art.path}: not built ({manifest.get('reason')}); backend {backend.name} needs it: "
+                            f"add {art.convert_format} to convert.formats or drop {backend.name} from benchmark.backends")
+    return art.path
+
+
+def plan(cfg: PipelineConfig, vocab_size: int) -> Plan:
+    jobs, skipped = {}, {}
+    tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    for name in cfg.benchmark.backends:
+        backend = spec(name)
+        why = backend.cannot_run(cfg.precision.name, cfg.hardware.device)
+        if why:
+            skipped[name] = why
+            console.print(f"[yellow]benchmark: skipping backend {name}: {why}[/yellow]")
+            continue
+        artifact = artifact_dir(backend, cfg.precision.name)
+        if backend.distributed:
+            manifest = artifacts.read_manifest(artifact)
+            if (manifest.get("tp"), manifest.get("pp")) != (tp, pp):
+                raise PipelineError(f"{artifact}: converted for tp={manifest.get('tp')} pp={manifest.get('pp')}, "
+                                    f"params.yaml asks tp={tp} pp={pp}; rerun its stage (dvc repro)")
+        jobs[name] = {
+            "inputs": {"backend": name, "artifact": artifact.as_posix(), "precision": cfg.precision.name,
+                       "device": cfg.hardware.device, "num_threads": cfg.hardware.num_threads},
+            "benchmark": dataclasses.asdict(cfg.benchmark), "vocab_size": vocab_size,
+            "distributed": backend.distributed, "world_size": tp * pp if backend.distributed else 1,
+        }
+    distributed = [n for n in jobs if spec(n).distributed]
+    parallel: dict[str, Any] = {"tp": tp, "pp": pp}
+    if tp * pp > 1 and not distributed:
+        parallel["not_benchmarked"] = (f"parallel.tp={tp} x parallel.pp={pp} was not benchmarked: no distributed "
+                                       f"backend ran (benchmark.backends={list(cfg.benchmark.backends)}; add torch-tp)")
+        console.print(f"[yellow]benchmark: {parallel['not_benchmarked']}[/yellow]")
+    else:
+        parallel["benchmarked_by"] = distributed
+    if not jobs:
+        raise PipelineError(f"none of benchmark.backends={list(cfg.benchmark.backends)} can run precision.name="
+                            f"{cfg.precision.name} on hardware.device={cfg.hardware.device} "
+                            f"({'; '.join(skipped.values())})")
+    return Plan(jobs, skipped, parallel)
+
+
+def worker_command(job: dict[str, Any], job_path: Path, result_path: Path) -> list[str]:
+    args = [str(job_path), str(result_path)]
+    if job["distributed"]:
         # Every rank runs the same worker (SPMD); rank 0 writes the result.
-        launch += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world_size}"]
-    return [*launch, "-m", "pipeline.benchmark.worker", name, str(params_path), str(model_dir), str(result_path)]
+        return launch.torchrun_command(job["world_size"], "pipeline.benchmark.worker", args)
+    return [sys.executable, "-m", "pipeline.benchmark.worker", *args]
 
 
-def run_backend_in_subprocess(name: str, params_path: Path, model_dir: Path, world_size: int = 1) -> dict[str, Any]:
+def run_job(name: str, job: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
-        result_path = Path(tmp) / "result.json"
-        cmd = worker_command(name, params_path, model_dir, result_path, world_size)
-        proc = subprocess.run(cmd)
+        job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        job_path.write_text(json.dumps(job))
+        proc = subprocess.run(worker_command(job, job_path, result_path))
         if proc.returncode != 0 or not result_path.is_file():
             raise PipelineError(f"benchmark backend '{name}' failed (exit code {proc.returncode}); see its error above")
         return json.loads(result_path.read_text())
 
 
-def run_all(cfg: PipelineConfig, params_path: Path, model_dir: Path) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
-    """Run every configured backend that supports precision.name; returns (results, {skipped: why})."""
-    from pipeline.backends.registry import load_backend_class
-
-    results, skipped = {}, {}
-    for name in cfg.benchmark.backends:
-        supported = load_backend_class(name).supported_precisions
-        if cfg.precision.name not in supported:
-            skipped[name] = f"precision.name={cfg.precision.name} not supported (runs {', '.join(supported)})"
-            console.print(f"[yellow]benchmark: skipping backend {name}: {skipped[name]}[/yellow]")
-            continue
-        results[name] = run_backend_in_subprocess(name, params_path, model_dir, cfg.parallel.world_size)
-    if not results:
-        raise PipelineError(f"precision.name={cfg.precision.name}: none of benchmark.backends="
-                            f"{list(cfg.benchmark.backends)} can run it ({'; '.join(f'{k}: {v}' for k, v in skipped.items())})")
-    return results, skipped
+def run_all(cfg: PipelineConfig, vocab_size: int) -> tuple[dict[str, dict[str, Any]], Plan]:
+    """Run every backend the plan admits; returns ({backend: result}, plan)."""
+    todo = plan(cfg, vocab_size)
+    return {name: run_job(name, job) for name, job in todo.jobs.items()}, todo

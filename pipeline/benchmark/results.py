@@ -9,12 +9,15 @@ from typing import Any
 
 from pipeline.artifacts import atomic_write_json, atomic_write_text
 
-RUN_COLUMNS = ["backend", "scenario", "batch_size", "prompt_length", "output_length", "run", "ttft_ms", "tpot_ms",
+RUN_COLUMNS = ["backend", "scenario", "tp", "pp", "batch_size", "prompt_length", "output_length", "run", "ttft_ms", "tpot_ms",
                "e2el_ms", "output_tokens", "tokens_per_s"]
 
 
 def write_results(results: dict[str, dict[str, Any]], metrics_path: Path, conditions_path: Path,
-                  runs_path: Path, skipped: dict[str, str] | None = None) -> dict[str, Any]:
+                  runs_path: Path, skipped: dict[str, str] | None = None,
+                  parallel: dict[str, Any] | None = None) -> dict[str, Any]:
+    """metrics: {backend: {load_s, scenario: summary}}; conditions: {backend: facts or {"skipped": why}} plus
+    "parallel": {tp, pp, benchmarked_by | not_benchmarked} saying how parallel.tp x parallel.pp was covered."""
     metrics = {name: r["metrics"] for name, r in results.items()}
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=RUN_COLUMNS, lineterminator="\n")
@@ -24,6 +27,8 @@ def write_results(results: dict[str, dict[str, Any]], metrics_path: Path, condit
     atomic_write_text(runs_path, buffer.getvalue())
     conditions = {name: r["conditions"] for name, r in results.items()}
     conditions.update({name: {"skipped": why} for name, why in (skipped or {}).items()})
+    if parallel is not None:
+        conditions["parallel"] = parallel
     atomic_write_json(conditions_path, conditions)
     atomic_write_json(metrics_path, metrics)
     return metrics
@@ -33,6 +38,8 @@ def read_runs(runs_path: Path) -> list[dict[str, Any]]:
     with open(runs_path, newline="") as f:
         rows = list(csv.DictReader(f))
     for row in rows:
+        row.setdefault("tp", 1)
+        row.setdefault("pp", 1)
         for key in RUN_COLUMNS[2:]:
             row[key] = float(row[key])
     return rows

@@ -74,7 +74,9 @@ def run_scenario(backend: Backend, scenario: Scenario, bench: BenchmarkConfig, v
             t_send, times = generate_timed(backend, prompt, scenario.output_length)
             m = request_metrics(t_send, times)
             tokens = scenario.batch_size * scenario.output_length
-            rows.append({"backend": backend.name, "scenario": scenario.key, "batch_size": scenario.batch_size,
+            tp, pp = backend.layout()
+            rows.append({"backend": backend.name, "scenario": scenario.key, "tp": tp, "pp": pp,
+                         "batch_size": scenario.batch_size,
                          "prompt_length": scenario.prompt_length, "output_length": scenario.output_length,
                          "run": i, **{k: round(v, 4) for k, v in m.items()}, "output_tokens": tokens,
                          "tokens_per_s": round(tokens / (m["e2el_ms"] / 1e3), 2)})
@@ -101,7 +103,8 @@ def benchmark_backend(backend: Backend, bench: BenchmarkConfig, vocab_size: int)
         summary, scenario_rows = run_scenario(backend, scenario, bench, vocab_size)
         metrics[scenario.key] = summary
         rows += scenario_rows
-    conditions = {**backend.describe(), "percentile_method": PERCENTILE_METHOD, "ignore_eos": True,
+    tp, pp = backend.layout()
+    conditions = {**backend.describe(), "tp": tp, "pp": pp, "percentile_method": PERCENTILE_METHOD, "ignore_eos": True,
                   "decoding": "greedy", "batching": "static", "warmup_runs": bench.warmup_runs,
                   "measured_runs": bench.measured_runs, "memory_method": _peak_memory_mb(backend.device)[1],
                   "torch_threads": torch.get_num_threads()}

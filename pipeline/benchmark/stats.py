@@ -1,4 +1,5 @@
-"""Summary statistics as the serving-benchmark field defines them (see REFERENCE.md, metric names)."""
+"""Summary statistics as the serving-benchmark field defines them (vLLM `bench serve`, genai-perf): TTFT,
+TPOT = (E2EL - TTFT) / (N - 1), E2EL; mean and percentiles with numpy's linear interpolation."""
 
 from __future__ import annotations
 

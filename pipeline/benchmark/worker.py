@@ -1,4 +1,7 @@
-"""Child process of the benchmark stage: load one backend, run every scenario, write JSON."""
+"""Child process of the benchmark stage: load one backend, run every scenario, write JSON.
+
+Everything it needs comes in one job file written by the launcher (backend name, the explicit artifact path,
+precision, device, benchmark settings); it reads no params.yaml and guesses no path."""
 
 from __future__ import annotations
 
@@ -8,24 +11,25 @@ from pathlib import Path
 
 import torch
 
-from pipeline import config
 from pipeline.artifacts import atomic_write_json
+from pipeline.backends.base import BackendInputs
 from pipeline.backends.registry import load_backend_class
 from pipeline.benchmark.runner import benchmark_backend
+from pipeline.config import BenchmarkConfig
 from pipeline.errors import PipelineError
 from pipeline.progress import console
 
 
 def main(argv: list[str]) -> int:
-    name, params_path, model_dir, result_path = argv
+    job_path, result_path = argv
+    job = json.loads(Path(job_path).read_text())
     try:
-        cfg = config.load(params_path)
-        if cfg.hardware.num_threads:
-            torch.set_num_threads(cfg.hardware.num_threads)
-        model_config = json.loads((Path(model_dir) / "config.json").read_text())
-        backend = load_backend_class(name)(Path(model_dir), cfg.precision, cfg.hardware)
+        inputs = BackendInputs(**{**job["inputs"], "artifact": Path(job["inputs"]["artifact"])})
+        if inputs.num_threads:
+            torch.set_num_threads(inputs.num_threads)
+        backend = load_backend_class(inputs.backend)(inputs)
         try:
-            result = benchmark_backend(backend, cfg.benchmark, vocab_size=int(model_config["vocab_size"]))
+            result = benchmark_backend(backend, BenchmarkConfig(**job["benchmark"]), vocab_size=job["vocab_size"])
         finally:
             backend.close()
     except PipelineError as e:

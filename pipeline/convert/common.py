@@ -1,10 +1,9 @@
-"""What both checkpoint formats share: reading the Hugging Face source, dtypes, layer-name templates,
-the TP/PP checks, and checking a rank's files against manifest.json before anything loads them."""
+"""What both checkpoint formats share: reading the Hugging Face source and checking
+a rank's files against manifest.json before anything loads them."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -12,54 +11,14 @@ import torch
 
 from pipeline import artifacts
 from pipeline.errors import PipelineError
-from pipeline.model.llama import LlamaArgs
-
-# convert.dtype values -> torch dtype. The short names are FasterTransformer's weight_data_type strings.
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-LONG_NAMES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}  # TensorRT-LLM's `dtype` strings
-
-# Hugging Face names of one decoder layer ("{}" = layer index) and of the rest, in checkpoint order.
-LAYER_NAMES = (
-    "model.layers.{}.input_layernorm.weight",
-    "model.layers.{}.self_attn.q_proj.weight",
-    "model.layers.{}.self_attn.k_proj.weight",
-    "model.layers.{}.self_attn.v_proj.weight",
-    "model.layers.{}.self_attn.o_proj.weight",
-    "model.layers.{}.post_attention_layernorm.weight",
-    "model.layers.{}.mlp.gate_proj.weight",
-    "model.layers.{}.mlp.up_proj.weight",
-    "model.layers.{}.mlp.down_proj.weight",
-)
-GLOBAL_NAMES = ("model.embed_tokens.weight", "model.norm.weight", "lm_head.weight")
-_LAYER_RE = re.compile(r"^(model\.layers\.|transformer\.layers\.)(\d+)\.(.+)$")
-
-
-def template(name: str) -> tuple[str, int | None]:
-    """'model.layers.3.mlp.up_proj.weight' -> ('model.layers.{}.mlp.up_proj.weight', 3)."""
-    m = _LAYER_RE.match(name)
-    if not m:
-        return name, None
-    return f"{m.group(1)}{{}}.{m.group(3)}", int(m.group(2))
-
+from pipeline.model import hf_tensors
+from pipeline.model.args import LlamaArgs
+from pipeline.precision import FLOAT_PRECISIONS, torch_dtype
 
 def check_dtype(dtype: str) -> torch.dtype:
-    if dtype not in DTYPES:
-        raise PipelineError(f"convert.dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def check_tp_pp(args: LlamaArgs, tp: int, pp: int, *, even_pp: bool) -> None:
-    """Heads split by tp (KV heads split or replicated), intermediate split by tp, layers by pp.
-    even_pp: FasterTransformer needs num_layers % pp == 0; TensorRT-LLM gives the first stages one extra."""
-    from pipeline.config import ParallelConfig, check_parallel  # at call time: the runner never needs omegaconf
-
-    parallel = ParallelConfig(tp=tp, pp=pp)
-    parallel.validate()
-    check_parallel(parallel, args.num_heads, args.num_kv_heads, args.num_layers if even_pp else None)
-    if args.intermediate_size % tp:
-        raise PipelineError(f"parallel.tp must divide intermediate_size={args.intermediate_size}; got {tp}")
-    if pp > args.num_layers:
-        raise PipelineError(f"parallel.pp must be <= num_hidden_layers={args.num_layers}; got {pp}")
+    if dtype not in FLOAT_PRECISIONS:
+        raise PipelineError(f"convert.dtype must be one of {', '.join(FLOAT_PRECISIONS)}; got {dtype!r}")
+    return torch_dtype(dtype)
 
 
 class HFCheckpoint:
@@ -105,7 +64,7 @@ class HFCheckpoint:
 
     def check_names(self, fmt: str) -> None:
         """Exactly the names Llama has: anything extra (biases, rotary buffers) has no place in `fmt`."""
-        expected = set(expected_hf_names(self.args))
+        expected = set(hf_tensors.names(self.args))
         found = set(self.files)
         if self.args.tie_word_embeddings:
             found.discard("lm_head.weight")  # some tied checkpoints still store a copy
@@ -120,15 +79,6 @@ class HFCheckpoint:
         manifest = self.dir / artifacts.MANIFEST
         return {"source_model_dir": str(self.dir),
                 "source_manifest_sha256": artifacts.sha256_file(manifest) if manifest.is_file() else None}
-
-
-def expected_hf_names(args: LlamaArgs) -> list[str]:
-    names = ["model.embed_tokens.weight"]
-    names += [t.format(l) for l in range(args.num_layers) for t in LAYER_NAMES]
-    names.append("model.norm.weight")
-    if not args.tie_word_embeddings:
-        names.append("lm_head.weight")
-    return names
 
 
 def verify_files(root: Path, needed: Iterable[str]) -> dict[str, Any]:
@@ -148,6 +98,6 @@ def verify_files(root: Path, needed: Iterable[str]) -> dict[str, Any]:
     for path in needed:
         if path not in entries:
             raise PipelineError(f"{root / path}: not listed in {artifacts.MANIFEST}; reconvert the checkpoint")
-        if artifacts.sha256_file(root / path) != entries[path]["sha256"]:
+        if artifacts.verified_sha256(root / path) != entries[path]["sha256"]:
             raise PipelineError(f"{root / path}: sha256 differs from {artifacts.MANIFEST} (corrupt or replaced)")
     return manifest

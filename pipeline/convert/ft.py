@@ -1,6 +1,7 @@
 """FasterTransformer LLaMA checkpoint: `<tp>-gpu/config.ini` + raw little-endian `.bin` tensors.
 
-Layout of PR #575, extended for GQA as PR #785 reads it (reference/fastertransformer.md §3, §4, §7):
+Layout of NVIDIA/FasterTransformer pull request #575 (examples/cpp/llama, llama_ckpt_convert.py), extended for
+GQA as pull request #785 reads it (kv_head_num, per-rank [H, (heads + 2*kv_heads)*d/tp] QKV):
   model.wte.weight.bin / model.lm_head.weight.bin           [V, H]     full on every rank, never split
   model.final_layernorm.weight.bin, layer norms             [H]        no rank suffix
   model.layers.{l}.attention.query_key_value.weight.{r}.bin [H, (nq + 2*nkv)*d/tp] = concat(q_r, k_r, v_r).T
@@ -21,11 +22,12 @@ import numpy as np
 import torch
 
 from pipeline import artifacts
-from pipeline.convert.common import HFCheckpoint, check_dtype, check_tp_pp, template, verify_files
-from pipeline.convert.shards import SPLIT, local_shape, shard
+from pipeline.convert.common import HFCheckpoint, check_dtype, verify_files
+from pipeline.convert.shards import shard
 from pipeline.errors import PipelineError
-from pipeline.model.llama import LlamaArgs
-from pipeline.parallel.mapping import Mapping
+from pipeline.model.args import LlamaArgs
+from pipeline.model.hf_tensors import Q, TENSORS, local_shape, template
+from pipeline.parallel.mapping import Mapping, check_layout
 
 # HF name -> FasterTransformer file stem ("{}" = global layer index). None: fused into QKV below.
 FT_NAMES = {
@@ -43,9 +45,9 @@ FT_NAMES = {
     "model.layers.{}.mlp.down_proj.weight": "model.layers.{}.mlp.down_proj.weight",
 }
 QKV = "model.layers.{}.attention.query_key_value.weight"
-Q, K, V = (f"model.layers.{{}}.self_attn.{x}_proj.weight" for x in "qkv")
+K, V = (f"model.layers.{{}}.self_attn.{x}_proj.weight" for x in "kv")
 # Layer linears are transposed to [in, out] and split per rank (.{r}.bin); wte, lm_head, norms are whole.
-PER_RANK = {t for t, dim in SPLIT.items() if dim is not None and t != "lm_head.weight"}
+PER_RANK = {t for t, spec in TENSORS.items() if spec.split is not None and t != "lm_head.weight"}
 NUMPY = {"fp32": np.float32, "fp16": np.float16, "bf16": np.int16}  # bf16: raw bits
 SECTION = "llama"
 RUN_SECTION = "ft_instance_hyperparameter"
@@ -107,11 +109,8 @@ def _convert_layer(src: HFCheckpoint, args: LlamaArgs, layer: int, tp: int, dtyp
 
 
 def _check_supported(args: LlamaArgs, tp: int, pp: int, dtype: str, int8_mode: int, source: Path) -> None:
-    check_tp_pp(args, tp, pp, even_pp=True)  # FT_CHECK(num_layer % pp == 0)
-    if args.num_kv_heads % tp:
-        # PR #785 reads local_kv_heads = kv_head_num / tp; it has no KV-head replication.
-        raise PipelineError(f"parallel.tp={tp} must divide num_key_value_heads={args.num_kv_heads} for "
-                            f"FasterTransformer (no KV-head replication); use the trtllm format for this tp")
+    check_layout(tp, pp, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, num_layers=args.num_layers,
+                 intermediate_size=args.intermediate_size, formats=["ft"])
     if args.head_dim * args.num_heads != args.hidden_size:
         raise PipelineError(f"{source}: head_dim={args.head_dim} != hidden_size/num_attention_heads; "
                             f"FasterTransformer derives size_per_head from hidden_size")
@@ -234,7 +233,7 @@ def read_rank(ckpt_dir: Path, mapping: Mapping) -> tuple[LlamaArgs, dict[str, An
     folder, dtype, tp, r = info["folder"], info["dtype"], info["tp"], mapping.tp_rank
     if mapping.tp != tp:
         raise PipelineError(f"{folder}: converted for tp={tp}; the runner was started with tp={mapping.tp}")
-    layers = mapping.layers(args.num_layers, even=True)
+    layers = mapping.layers(args.num_layers, "ft")
     expected = expected_files(args, tp)
     leftover = sorted({p.name for p in folder.iterdir()} - set(expected))
     if leftover:

@@ -10,10 +10,11 @@ import torch
 
 from pipeline import artifacts
 from pipeline.convert import ft, trtllm
-from pipeline.convert.common import expected_hf_names, template
+from pipeline.model.hf_tensors import template
 from pipeline.convert.shards import merge
 from pipeline.errors import PipelineError
-from pipeline.model.llama import LlamaArgs
+from pipeline.model import hf_tensors
+from pipeline.model.args import LlamaArgs
 from pipeline.parallel.mapping import Mapping
 from pipeline.versions import library_versions
 
@@ -43,7 +44,7 @@ def to_hf_state_dict(fmt: str, ckpt_dir: Path) -> tuple[LlamaArgs, dict[str, tor
         lm_head = state.pop("lm_head.weight")
         if not torch.equal(lm_head, state["model.embed_tokens.weight"]):
             raise PipelineError(f"{ckpt_dir}: tie_word_embeddings is set but lm_head differs from the embedding")
-    names = expected_hf_names(args)
+    names = hf_tensors.names(args)
     if sorted(state) != sorted(names):
         raise PipelineError(f"{ckpt_dir}: merged names differ from a Llama state dict "
                             f"({sorted(set(names) ^ set(state))[:1]})")

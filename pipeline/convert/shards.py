@@ -1,7 +1,8 @@
-"""How each Hugging Face tensor is split across tensor-parallel ranks, and how the pieces are put back.
+"""Cutting each Hugging Face tensor into tensor-parallel pieces, and putting the pieces back.
 
-Both formats split the same way (Megatron style); they differ only in names, fusion and orientation,
-which pipeline/convert/ft.py and trtllm.py handle. Tensors here are in HF orientation, [out, in]."""
+Which dimension each tensor splits along is in the tensor table (pipeline/model/hf_tensors.py). Both formats
+split the same way (Megatron style); they differ only in names, fusion and orientation, which
+pipeline/convert/ft.py and trtllm.py handle. Tensors here are in HF orientation, [out, in]."""
 
 from __future__ import annotations
 
@@ -9,55 +10,17 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.errors import PipelineError
-from pipeline.model.llama import LlamaArgs, padded_vocab
-
-# HF name -> dim split across TP ranks: 0 = column-parallel (rows = output features), 1 = row-parallel
-# (columns = input features, output all-reduced), None = the same full tensor on every rank.
-SPLIT = {
-    "model.embed_tokens.weight": None,        # replicated (TensorRT-LLM use_parallel_embedding=false; FT wte)
-    "model.norm.weight": None,
-    "lm_head.weight": 0,                      # zero-padded to a multiple of tp rows, then split
-    "model.layers.{}.input_layernorm.weight": None,
-    "model.layers.{}.post_attention_layernorm.weight": None,
-    "model.layers.{}.self_attn.q_proj.weight": 0,   # rank r: q heads [r*nq/tp, (r+1)*nq/tp)
-    "model.layers.{}.self_attn.k_proj.weight": 0,   # kv heads likewise, or one replicated head if tp > nkv
-    "model.layers.{}.self_attn.v_proj.weight": 0,
-    "model.layers.{}.self_attn.o_proj.weight": 1,
-    "model.layers.{}.mlp.gate_proj.weight": 0,
-    "model.layers.{}.mlp.up_proj.weight": 0,
-    "model.layers.{}.mlp.down_proj.weight": 1,
-}
-KV = ("model.layers.{}.self_attn.k_proj.weight", "model.layers.{}.self_attn.v_proj.weight")
-
+from pipeline.model.hf_tensors import KV, TENSORS
+from pipeline.model.args import LlamaArgs, padded_vocab
 
 def kv_replicas(args: LlamaArgs, tp: int) -> int:
     """How many TP ranks hold the same KV head: tp/nkv when tp > nkv (TensorRT-LLM dup_kv_weight), else 1."""
     return tp // args.num_kv_heads if tp > args.num_kv_heads else 1
 
 
-def local_shape(tmpl: str, args: LlamaArgs, tp: int) -> tuple[int, ...]:
-    """Shape of one TP rank's piece of `tmpl`, HF orientation."""
-    h, d, i = args.hidden_size, args.head_dim, args.intermediate_size
-    nq, nkv = args.num_heads // tp, max(args.num_kv_heads // tp, 1)
-    return {
-        "model.embed_tokens.weight": (args.vocab_size, h),
-        "model.norm.weight": (h,),
-        "lm_head.weight": (padded_vocab(args.vocab_size, tp) // tp, h),
-        "model.layers.{}.input_layernorm.weight": (h,),
-        "model.layers.{}.post_attention_layernorm.weight": (h,),
-        "model.layers.{}.self_attn.q_proj.weight": (nq * d, h),
-        "model.layers.{}.self_attn.k_proj.weight": (nkv * d, h),
-        "model.layers.{}.self_attn.v_proj.weight": (nkv * d, h),
-        "model.layers.{}.self_attn.o_proj.weight": (h, nq * d),
-        "model.layers.{}.mlp.gate_proj.weight": (i // tp, h),
-        "model.layers.{}.mlp.up_proj.weight": (i // tp, h),
-        "model.layers.{}.mlp.down_proj.weight": (h, i // tp),
-    }[tmpl]
-
-
 def shard(tmpl: str, w: torch.Tensor, args: LlamaArgs, tp: int, tp_rank: int) -> torch.Tensor:
     """Rank tp_rank's piece of one HF tensor (`tmpl` is its name with "{}" for the layer)."""
-    dim = SPLIT[tmpl]
+    dim = TENSORS[tmpl].split
     if dim is None:
         return w
     if tmpl in KV and tp > args.num_kv_heads:
@@ -72,7 +35,7 @@ def shard(tmpl: str, w: torch.Tensor, args: LlamaArgs, tp: int, tp_rank: int) ->
 def merge(tmpl: str, pieces: list[torch.Tensor], args: LlamaArgs, where: str) -> torch.Tensor:
     """Inverse of shard(): pieces[r] from TP rank r. Copies that must be equal are checked to be equal."""
     tp = len(pieces)
-    dim = SPLIT[tmpl]
+    dim = TENSORS[tmpl].split
     if dim is None:
         _check_equal(pieces, where)
         return pieces[0]

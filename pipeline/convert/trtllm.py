@@ -1,6 +1,7 @@
 """TensorRT-LLM checkpoint (TensorRT-engine backend, <= 1.2): `config.json` + `rank{r}.safetensors`.
 
-rank = pp_rank * tp + tp_rank. Per rank file (reference/tensorrt.md §1.4, §1.5), linears stay [out, in]:
+rank = pp_rank * tp + tp_rank. Per rank file (TensorRT-LLM tensorrt_llm/models/llama/convert.py and
+models/convert_utils.py: names, QKV fusion, KV-head replication, vocab padding), linears stay [out, in]:
   transformer.vocab_embedding.weight   [V, H]                     first PP stage only, on every TP rank
   transformer.layers.{j}.attention.qkv.weight  [(nq/tp + 2*kv_l)*d, H] = cat(q_r, k_r, v_r); kv_l = max(nkv/tp, 1)
   transformer.layers.{j}.attention.dense.weight [H, nq*d/tp]      split dim 1
@@ -19,11 +20,13 @@ from typing import Any, Optional
 import torch
 
 from pipeline import artifacts
-from pipeline.convert.common import HFCheckpoint, LONG_NAMES, check_dtype, check_tp_pp, template, verify_files
-from pipeline.convert.shards import local_shape, shard
+from pipeline.convert.common import HFCheckpoint, check_dtype, verify_files
+from pipeline.convert.shards import shard
 from pipeline.errors import PipelineError
-from pipeline.model.llama import LlamaArgs
-from pipeline.parallel.mapping import Mapping
+from pipeline.model.args import LlamaArgs
+from pipeline.model.hf_tensors import Q, K, V, local_shape, template
+from pipeline.parallel.mapping import Mapping, check_layout
+from pipeline.precision import BY_LONG_NAME, PRECISIONS
 
 # HF name -> TensorRT-LLM name ("{}" = layer index, local to the PP stage). None: fused into QKV below.
 TRTLLM_NAMES = {
@@ -41,7 +44,6 @@ TRTLLM_NAMES = {
     "model.layers.{}.mlp.down_proj.weight": "transformer.layers.{}.mlp.proj.weight",
 }
 QKV = "transformer.layers.{}.attention.qkv.weight"
-Q, K, V = (f"model.layers.{{}}.self_attn.{x}_proj.weight" for x in "qkv")
 QUANT_ALGOS = (None, "W8A16")
 W8A16_LINEARS = ("attention.qkv", "attention.dense", "mlp.fc", "mlp.gate", "mlp.proj")  # not embedding/lm_head/norms
 
@@ -57,7 +59,8 @@ def convert(model_dir: Path, out_dir: Path, *, tp: int, pp: int = 1, dtype: str 
     src = HFCheckpoint(model_dir)
     args = src.args
     torch_dtype = check_dtype(dtype)
-    check_tp_pp(args, tp, pp, even_pp=False)
+    check_layout(tp, pp, num_heads=args.num_heads, num_kv_heads=args.num_kv_heads, num_layers=args.num_layers,
+                 intermediate_size=args.intermediate_size, formats=["trtllm"])
     if quant not in QUANT_ALGOS:
         raise PipelineError(f"convert.trtllm_quant must be null or W8A16; got {quant!r}")
     quantize = _w8a16_op() if quant == "W8A16" else None  # fails before any output if TensorRT-LLM is absent
@@ -104,7 +107,7 @@ def _config(args: LlamaArgs, tp: int, pp: int, dtype: str, quant: Optional[str])
         # Both keys: TensorRT-LLM's own converter copies HF's `rope_type`; older trtllm-build reads `type`.
         scaling = {"type": "llama3", "rope_type": "llama3", **args.rope_scaling}
     return {
-        "architecture": "LlamaForCausalLM", "dtype": LONG_NAMES[dtype], "logits_dtype": "float32",
+        "architecture": "LlamaForCausalLM", "dtype": PRECISIONS[dtype].long_name, "logits_dtype": "float32",
         "vocab_size": args.vocab_size, "hidden_size": args.hidden_size, "num_hidden_layers": args.num_layers,
         "num_attention_heads": args.num_heads, "num_key_value_heads": args.num_kv_heads,
         "head_size": args.head_dim, "intermediate_size": args.intermediate_size,
@@ -122,7 +125,8 @@ def _config(args: LlamaArgs, tp: int, pp: int, dtype: str, quant: Optional[str])
 
 def _w8a16_op():
     """TensorRT-LLM's weight-only quantizer: its int8 layout is interleaved for the converting GPU's CUTLASS
-    kernels, so only TensorRT-LLM itself can write it (reference/tensorrt.md §1.6)."""
+    kernels, so only TensorRT-LLM itself can write it (its llama/convert.py get_tllm_linear_weight calls
+    torch.ops.trtllm.symmetric_quantize_last_axis_of_batched_matrix)."""
     try:
         import tensorrt_llm  # noqa: F401  (registers torch.ops.trtllm)
     except ImportError:
@@ -161,7 +165,7 @@ def read_config(ckpt_dir: Path) -> tuple[LlamaArgs, dict[str, Any]]:
         raise PipelineError(f"{path}: required key '{missing[0]}' is missing; reconvert the checkpoint")
     if raw["architecture"] != "LlamaForCausalLM":
         raise PipelineError(f"{path}: architecture is {raw['architecture']!r}, expected LlamaForCausalLM")
-    dtypes = {v: k for k, v in LONG_NAMES.items()}
+    dtypes = BY_LONG_NAME
     if raw["dtype"] not in dtypes:
         raise PipelineError(f"{path}: dtype must be one of {', '.join(dtypes)}; got {raw['dtype']!r}")
     scaling = raw.get("rotary_scaling")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from pipeline.config import ModelConfig, SHAPE_KEYS
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:  # the model package never imports the config layer at run time
+    from pipeline.config import ModelConfig
 
 # Our key -> the key in a Hugging Face Llama config.json.
 HF_KEYS = {
@@ -17,6 +19,8 @@ HF_KEYS = {
     "num_kv_heads": "num_key_value_heads",
     "max_position_embeddings": "max_position_embeddings",
 }
+# Architecture keys: required for model.source=preset, optional for local/hub (then read from config.json).
+SHAPE_KEYS = tuple(HF_KEYS)
 
 
 def rope_parameters(model: ModelConfig) -> dict[str, Any]:
@@ -54,6 +58,12 @@ def check_declared_shape(model: ModelConfig, hf_config: dict[str, Any], config_p
     """A hub/local model whose config.json disagrees with the declared preset shape is the wrong model."""
     if hf_config.get("model_type") not in ("llama", None):
         raise PipelineError(f"{config_path}: model_type is {hf_config.get('model_type')!r}, expected 'llama'")
+    stored = hf_config.get("dtype", hf_config.get("torch_dtype"))
+    if model.dtype is not None and stored is not None and stored != model.dtype:
+        # Local and hub weights are copied byte for byte; a dtype that would need a conversion is refused.
+        raise PipelineError(f"{config_path}: weights are stored as {stored} but model.dtype={model.dtype}; local and "
+                            f"hub weights are copied as stored: set model.dtype=null (precision.name sets the "
+                            f"compute dtype)")
     for ours in SHAPE_KEYS:
         declared = getattr(model, ours)
         actual = hf_config.get(HF_KEYS[ours])
@@ -69,3 +79,4 @@ def shape_from_hf(hf_config: dict[str, Any]) -> dict[str, int]:
     if shape["num_kv_heads"] is None:
         shape["num_kv_heads"] = shape["num_heads"]
     return shape
+

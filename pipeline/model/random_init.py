@@ -8,41 +8,32 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import torch
 from safetensors.torch import save_file
 
-from pipeline.config import ModelConfig
+from pipeline.model.args import LlamaArgs
+from pipeline.model.hf_config import llama_config
+from pipeline.model.hf_tensors import TENSORS, full_shape, names, template
 from pipeline.progress import progress_bar
+
+if TYPE_CHECKING:
+    from pipeline.config import ModelConfig
 
 INIT_STD = 0.02  # LlamaConfig.initializer_range
 SHARD_BYTES = 4 << 30
 
 
+def llama_args(model: ModelConfig) -> LlamaArgs:
+    """The shape of a preset (all shape keys set) as the model package describes it."""
+    return LlamaArgs.from_hf_config(llama_config(model).to_dict(), f"model={model.name}")
+
+
 def tensor_specs(model: ModelConfig) -> list[tuple[str, tuple[int, ...], str]]:
-    """(name, shape, init) for every parameter of LlamaForCausalLM, in checkpoint order."""
-    h, v, f = model.hidden_size, model.vocab_size, model.intermediate_size
-    d = h // model.num_heads
-    kv = model.num_kv_heads * d
-    specs = [("model.embed_tokens.weight", (v, h), "normal")]
-    for i in range(model.num_layers):
-        p = f"model.layers.{i}."
-        specs += [
-            (p + "input_layernorm.weight", (h,), "ones"),
-            (p + "self_attn.q_proj.weight", (model.num_heads * d, h), "normal"),
-            (p + "self_attn.k_proj.weight", (kv, h), "normal"),
-            (p + "self_attn.v_proj.weight", (kv, h), "normal"),
-            (p + "self_attn.o_proj.weight", (h, model.num_heads * d), "normal"),
-            (p + "post_attention_layernorm.weight", (h,), "ones"),
-            (p + "mlp.gate_proj.weight", (f, h), "normal"),
-            (p + "mlp.up_proj.weight", (f, h), "normal"),
-            (p + "mlp.down_proj.weight", (h, f), "normal"),
-        ]
-    specs.append(("model.norm.weight", (h,), "ones"))
-    if not model.tie_word_embeddings:
-        specs.append(("lm_head.weight", (v, h), "normal"))
-    return specs
+    """(name, shape, init) for every parameter of LlamaForCausalLM, in checkpoint order (the tensor table)."""
+    args = llama_args(model)
+    return [(name, full_shape(template(name)[0], args), TENSORS[template(name)[0]].init) for name in names(args)]
 
 
 def _tensor_seed(seed: int, name: str) -> int:

@@ -5,9 +5,12 @@ used, and the hub token is read from HF_TOKEN and passed straight to huggingface
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -58,29 +61,47 @@ def check_checkpoint_dir(src: Path, label: str) -> dict[str, Any]:
     return hf_config
 
 
-def copy_local(src: Path, dst: Path) -> dict[str, Any]:
+def local_files(src: Path) -> tuple[dict[str, Any], list[Path]]:
+    """A checked local checkpoint: (its config.json, the files the weights stage copies from it)."""
     src = Path(src).expanduser().resolve()
     hf_config = check_checkpoint_dir(src, "model.local_dir")
-    files = [p for p in sorted(src.iterdir()) if p.is_file() and _wanted(p)]
-    with progress_bar(f"copy {src.name}", total=sum(p.stat().st_size for p in files), unit="bytes") as advance:
+    return hf_config, [p for p in sorted(src.iterdir()) if p.is_file() and _wanted(p)]
+
+
+def copy_files(files: list[Path], dst: Path) -> None:
+    with progress_bar(f"copy {files[0].parent.name}", total=sum(p.stat().st_size for p in files),
+                      unit="bytes") as advance:
         for p in files:
             shutil.copyfile(p, dst / p.name)
             advance(p.stat().st_size)
-    return hf_config
 
 
-def download_hub(hub_id: str, revision: str | None, dst: Path) -> tuple[dict[str, Any], str]:
-    """snapshot_download into dst; returns (config.json, resolved commit sha)."""
-    from huggingface_hub import HfApi, snapshot_download
+@dataclass(frozen=True)
+class HubSnapshot:
+    """A hub revision resolved to its commit, with the files download_hub will take from it."""
+    hub_id: str
+    sha: str
+    sizes: dict[str, int | None]  # repo path -> bytes (None where the listing gave no size)
+
+    @property
+    def total_bytes(self) -> int | None:
+        """Bytes to download, or None when the listing did not give every size."""
+        if not self.sizes or None in self.sizes.values():
+            return None
+        return sum(self.sizes.values())
+
+
+def _token() -> str | None:
+    return os.environ.get("HF_TOKEN") or None
+
+
+@contextlib.contextmanager
+def _hub_errors(hub_id: str, revision: str | None) -> Iterator[None]:
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
-    token = os.environ.get("HF_TOKEN") or None
     try:
-        # Resolve the revision to a commit first, so the manifest pins exactly what was downloaded.
-        sha = HfApi(token=token).model_info(hub_id, revision=revision).sha
-        snapshot_download(repo_id=hub_id, revision=sha, local_dir=str(dst), allow_patterns=ALLOW_PATTERNS,
-                          token=token)
+        yield
     except GatedRepoError:
         raise PipelineError(f"model.hub_id={hub_id}: gated repository; accept its licence on huggingface.co and "
                             f"export HF_TOKEN") from None
@@ -91,5 +112,28 @@ def download_hub(hub_id: str, revision: str | None, dst: Path) -> tuple[dict[str
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as e:
         raise PipelineError(f"model.hub_id={hub_id}: download failed ({str(e).splitlines()[0]}); check the "
                             f"network, or download it yourself and use model=local") from None
+
+
+def resolve_hub(hub_id: str, revision: str | None) -> HubSnapshot:
+    """Resolve revision to a commit (so the manifest pins exactly what was downloaded) and list the
+    files ALLOW_PATTERNS selects, with their sizes, before anything is downloaded."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.utils import filter_repo_objects
+
+    with _hub_errors(hub_id, revision):
+        info = HfApi(token=_token()).model_info(hub_id, revision=revision, files_metadata=True)
+    # The same selection snapshot_download makes with these allow_patterns.
+    wanted = filter_repo_objects(info.siblings or [], allow_patterns=ALLOW_PATTERNS, key=lambda s: s.rfilename)
+    sizes = {s.rfilename: s.size if s.size is not None else getattr(s.lfs, "size", None) for s in wanted}
+    return HubSnapshot(hub_id, info.sha, sizes)
+
+
+def download_hub(snapshot: HubSnapshot, dst: Path) -> dict[str, Any]:
+    """snapshot_download of the resolved commit into dst; returns config.json."""
+    from huggingface_hub import snapshot_download
+
+    with _hub_errors(snapshot.hub_id, snapshot.sha):
+        snapshot_download(repo_id=snapshot.hub_id, revision=snapshot.sha, local_dir=str(dst),
+                          allow_patterns=ALLOW_PATTERNS, token=_token())
     shutil.rmtree(dst / ".cache", ignore_errors=True)  # huggingface_hub's download metadata
-    return check_checkpoint_dir(dst, f"model.hub_id={hub_id}"), sha
+    return check_checkpoint_dir(dst, f"model.hub_id={snapshot.hub_id}")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import ModelConfig
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"

@@ -29,7 +29,7 @@ def train_tiny(model_dir: Path, corpus_path: Path, steps: int = 150, seed: int =
     cosine decay) and overwrite model.safetensors. Returns first/last loss and timing."""
     from safetensors.torch import save_file
 
-    from pipeline.export import load_hf_model, load_tokenizer
+    from pipeline.model.hf import load_hf_model, load_tokenizer
 
     model_dir, corpus_path = Path(model_dir), Path(corpus_path)
     if steps < 1 or batch_size < 1 or seq_len < 2 or not lr > 0:

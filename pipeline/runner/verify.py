@@ -7,7 +7,6 @@ import functools
 import json
 import os
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -16,26 +15,25 @@ from typing import Any, Optional, Sequence
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.parallel import launch
 from pipeline.parallel.mapping import Mapping
-from pipeline.parallel.run import ERROR_PREFIX
+from pipeline.runner.run import ERROR_PREFIX
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[2]  # the project root: torchrun's ranks import `pipeline` from it
 
 
 def torchrun_command(fmt: str, checkpoint_dir: Path, tp: int, pp: int, prompts: Sequence[Sequence[int]],
                      max_new_tokens: int, output: Path, *, backend: Optional[str] = None,
                      dtype: Optional[str] = None) -> list[str]:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={tp * pp}",
-           "--monitor-interval=0.1", "-m", "pipeline.parallel.run", "--format", fmt,
-           "--checkpoint", str(checkpoint_dir), "--tp", str(tp), "--pp", str(pp),
-           "--max-new-tokens", str(max_new_tokens), "--output", str(output)]
+    args = ["--format", fmt, "--checkpoint", str(checkpoint_dir), "--tp", str(tp), "--pp", str(pp),
+            "--max-new-tokens", str(max_new_tokens), "--output", str(output)]
     for prompt in prompts:
-        cmd += ["--prompt-ids", ",".join(str(t) for t in prompt)]
+        args += ["--prompt-ids", ",".join(str(t) for t in prompt)]
     if backend:
-        cmd += ["--backend", backend]
+        args += ["--backend", backend]
     if dtype:
-        cmd += ["--dtype", dtype]
-    return cmd
+        args += ["--dtype", dtype]
+    return launch.torchrun_command(tp * pp, "pipeline.runner.run", args)
 
 
 def run_parallel(fmt: str, checkpoint_dir: Path, tp: int, pp: int, prompts: Sequence[Sequence[int]],

@@ -1,6 +1,6 @@
 """Entry point of one TP x PP rank; launch tp*pp of them with torchrun:
 
-    torchrun --standalone --nproc-per-node=4 -m pipeline.parallel.run --format trtllm \\
+    torchrun --standalone --nproc-per-node=4 -m pipeline.runner.run --format trtllm \\
         --checkpoint artifacts/trtllm/tp2pp2 --tp 2 --pp 2 --prompt-ids 5,17,42 --prompt-ids 9,8,7,6 \\
         --max-new-tokens 8 --output result.json
 
@@ -20,40 +20,19 @@ import torch
 import torch.distributed as dist
 
 from pipeline import artifacts
-from pipeline.convert import ft
-from pipeline.convert.common import DTYPES, template
-from pipeline.convert.hf import format_module
+from pipeline.convert.load import load_stage
 from pipeline.errors import PipelineError
-from pipeline.model.llama import Llama
+from pipeline.parallel.launch import init_rank, process_group_backend, shutdown
 from pipeline.parallel.mapping import Mapping
 from pipeline.parallel.pp import Stage
 from pipeline.parallel.tp import apply_tp, new_tp_group
+from pipeline.precision import FLOAT_PRECISIONS
 
-ERROR_PREFIX = "pipeline.parallel.run: error: "
-
-
-def load_stage(fmt: str, ckpt_dir: Path, mapping: Mapping, device: torch.device,
-               dtype: Optional[str] = None) -> tuple[Llama, dict]:
-    """Build this rank's Llama stage from either format. dtype=None computes in the checkpoint's dtype."""
-    args, info, state = format_module(fmt).read_rank(Path(ckpt_dir), mapping)
-    compute = DTYPES[dtype or info.get("compute_dtype") or info["dtype"]]
-    state = {k: v.to(compute) for k, v in state.items()}
-    if info.get("int8_mode") == 1:
-        # FasterTransformer quantizes each rank's float linears at load time; emulate it on this rank's shards.
-        state = {k: ft.quantize_weight_only(v) if template(k)[0] in ft.INT8_LINEARS else v for k, v in state.items()}
-    layers = mapping.layers(args.num_layers, even=(fmt == "ft"))
-    with torch.device("meta"):
-        model = Llama(args, tp=mapping.tp, layers=layers, first=mapping.is_first_stage, last=mapping.is_last_stage)
-    try:
-        model.load_state_dict(state, strict=True, assign=True)  # a missing or leftover name raises
-    except RuntimeError as e:
-        detail = [line.strip() for line in str(e).splitlines() if line.strip()][-1]
-        raise PipelineError(f"{ckpt_dir}: rank {mapping.rank} weights do not fit the model ({detail})") from None
-    return model.to(device).eval(), {**info, "compute_dtype": str(compute).removeprefix("torch.")}
+ERROR_PREFIX = "pipeline.runner.run: error: "
 
 
 def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipeline.parallel.run", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m pipeline.runner.run", description=__doc__.splitlines()[0])
     p.add_argument("--format", required=True, choices=("ft", "trtllm"))
     p.add_argument("--checkpoint", required=True, type=Path, help="the converter's out_dir (has manifest.json)")
     p.add_argument("--tp", required=True, type=int)
@@ -64,7 +43,7 @@ def _parse(argv: Optional[list[str]]) -> argparse.Namespace:
     p.add_argument("--output", required=True, type=Path, help="result.json written by rank 0")
     p.add_argument("--logits", type=Path, help="default: <output stem>.logits.safetensors")
     p.add_argument("--backend", choices=("gloo", "nccl"), help="default: nccl if CUDA is available, else gloo")
-    p.add_argument("--dtype", choices=tuple(DTYPES), help="compute dtype; default: the checkpoint's")
+    p.add_argument("--dtype", choices=FLOAT_PRECISIONS, help="compute dtype; default: the checkpoint's")
     return p.parse_args(argv)
 
 
@@ -80,19 +59,13 @@ def _prompts(raw: list[str]) -> list[list[int]]:
 
 def main(argv: Optional[list[str]] = None) -> int:
     opts = _parse(argv)
-    backend = opts.backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = opts.backend or process_group_backend("cuda" if torch.cuda.is_available() else "cpu")
     try:
         prompts = _prompts(opts.prompt_ids)
         if opts.max_new_tokens < 1:
             raise PipelineError(f"--max-new-tokens must be >= 1; got {opts.max_new_tokens}")
-        if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-            raise PipelineError("no torch.distributed environment: launch with "
-                                f"torchrun --nproc-per-node={opts.tp * opts.pp} -m pipeline.parallel.run ...")
-        device = torch.device("cpu")
-        if backend == "nccl":  # one GPU per rank on this node
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        dist.init_process_group(backend, device_id=device if backend == "nccl" else None)
+        device = init_rank("cuda" if backend == "nccl" else "cpu",
+                           f"launch with torchrun --nproc-per-node={opts.tp * opts.pp} -m pipeline.runner.run ...")
         mapping = Mapping(opts.tp, opts.pp, rank=dist.get_rank(), world_size=dist.get_world_size())
         model, info = load_stage(opts.format, opts.checkpoint, mapping, device, opts.dtype)
         args = model.args
@@ -112,8 +85,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             results.append(out)
         if mapping.rank == 0:
             _write(opts, backend, info, prompts, results, logits, time.perf_counter() - t0)
-        dist.barrier()
-        dist.destroy_process_group()
+        shutdown()
         return 0
     except PipelineError as e:
         print(f"{ERROR_PREFIX}{e}", file=sys.stderr, flush=True)

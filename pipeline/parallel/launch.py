@@ -1,0 +1,51 @@
+"""The one start-up path for distributed ranks: the torchrun command line that launches them, and what a rank
+does first (its device, its process group). The verify runner and the torch-tp benchmark backend both use it."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+import torch
+
+from pipeline.errors import PipelineError
+
+
+def torchrun_command(nproc: int, module: str, args: Sequence[str]) -> list[str]:
+    """`python -m torch.distributed.run` for nproc ranks on this node, each running `python -m module args`."""
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            "--monitor-interval=0.1", "-m", module, *args]
+
+
+def process_group_backend(device: str) -> str:
+    """NCCL between GPUs (one per rank), gloo on CPU (proves correctness, not a performance number)."""
+    return "nccl" if device == "cuda" else "gloo"
+
+
+def init_rank(device: str, who: str) -> torch.device:
+    """Join the process group torchrun set up; returns this rank's device (cuda:LOCAL_RANK or cpu).
+    `who` names the entry point in the error raised when the process was not started by torchrun."""
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        raise PipelineError(f"no torch.distributed environment: {who}")
+    rank_device = torch.device("cpu")
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise PipelineError(f"rank {os.environ['RANK']} needs GPU {local}, torch sees "
+                                f"{torch.cuda.device_count()}; use fewer ranks (parallel.tp x parallel.pp) or hardware=cpu")
+        rank_device = torch.device("cuda", local)
+        torch.cuda.set_device(rank_device)
+    backend = process_group_backend(device)
+    dist.init_process_group(backend, device_id=rank_device if backend == "nccl" else None)
+    return rank_device
+
+
+def shutdown() -> None:
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,108 @@
+"""What the report draws: one function per PNG, each taking the series computed in `tables`.
+
+Imported only when the report is built (see `build`), so `pipeline.report.headline` stays free of
+matplotlib. The Agg backend renders to files without a display (CI, GPU hosts over ssh).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+import numpy as np  # noqa: E402
+
+from pipeline.report import tables  # noqa: E402
+
+DPI = 110
+
+
+def _save(fig: Any, out: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(out, dpi=DPI)
+    plt.close(fig)
+
+
+def latency(table: list[dict[str, Any]], out: Path) -> None:
+    """TTFT (left) and TPOT (right) per scenario and backend: bar = p50, dash = p99; dash far above bar = long tail."""
+    scenarios = tables.scenario_order(table)
+    names = tables.backends(table)
+    x = np.arange(len(scenarios))
+    width = 0.8 / len(names)
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    for ax, metric, label in ((axes[0], "ttft_ms", "time to first token (ms)"),
+                              (axes[1], "tpot_ms", "time per output token (ms)")):
+        p50, p99 = tables.by_scenario(table, f"{metric}_p50"), tables.by_scenario(table, f"{metric}_p99")
+        for i, backend in enumerate(names):
+            ax.bar(x + i * width, p50[backend], width, label=f"{backend} p50")
+            ax.scatter(x + i * width, p99[backend], marker="_", s=300, linewidths=2.5, color="black", zorder=3,
+                       label="p99" if i == 0 else None)
+        ax.set_xticks(x + width * (len(names) - 1) / 2, scenarios, rotation=20, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle("Latency per scenario (bars: p50, dashes: p99)")
+    _save(fig, out)
+
+
+def throughput(table: list[dict[str, Any]], out: Path) -> None:
+    """Output tokens/s vs batch size (log2), a line per backend and prompt length; flattening = batching stops paying."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for (backend, prompt), points in tables.throughput_lines(table).items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=f"{backend}, prompt {prompt}")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("batch size")
+    ax.set_ylabel("output tokens / s")
+    ax.set_title("Output token throughput")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    _save(fig, out)
+
+
+def tpot_distribution(groups: dict[str, list[float]], out: Path) -> None:
+    """TPOT of each measured run, a box per backend and scenario (box = middle half of runs); tall box = noisy."""
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(groups)), 4.5))
+    ax.boxplot(list(groups.values()), tick_labels=list(groups), showfliers=True)
+    ax.set_ylabel("time per output token (ms)")
+    ax.set_title("TPOT over measured runs")
+    ax.tick_params(axis="x", labelsize=7)
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, out)
+
+
+def accuracy(rows: dict[str, dict[str, Any]], out: Path) -> None:
+    """Each artifact vs HF fp32: top-1 agreement (left, 1.0 = same argmax) and perplexity change % (right, 0 = no loss)."""
+    names = list(rows)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    top1 = [rows[n]["top1_agreement"] for n in names]
+    axes[0].bar(names, top1, color="tab:green")
+    axes[0].set_ylabel("top-1 agreement with fp32")
+    # Zoom in: agreement is usually 0.98-1.0, which a 0-1 axis would flatten into identical bars.
+    axes[0].set_ylim(min(0.9, min(top1) - 0.01), 1.001)
+    axes[1].bar(names, [rows[n]["ppl_delta_pct"] for n in names], color="tab:orange")
+    axes[1].set_ylabel("perplexity change vs fp32 (%)")
+    axes[1].axhline(0, color="black", linewidth=0.8)
+    for ax in axes:
+        ax.tick_params(axis="x", rotation=20, labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    fig.suptitle("Accuracy of each artifact against the Hugging Face fp32 reference (held-out text)")
+    _save(fig, out)
+
+
+def onnx_ops(ops: list[tuple[str, int, int]], ort_optimization: str | None, out: Path, top: int = 20) -> None:
+    """Nodes per ONNX op type, exported vs after onnxruntime optimizations; a shorter second bar = nodes fused away."""
+    ops = ops[:top]
+    y = np.arange(len(ops))
+    fig, ax = plt.subplots(figsize=(8, 0.35 * len(ops) + 1.5))
+    ax.barh(y - 0.2, [o[1] for o in ops], 0.4, label="exported")
+    ax.barh(y + 0.2, [o[2] for o in ops], 0.4, label=f"after ORT ({ort_optimization})")
+    ax.set_yticks(y, [o[0] for o in ops], fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("nodes")
+    ax.set_title("ONNX graph: node counts by op type")
+    ax.legend(fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    _save(fig, out)
