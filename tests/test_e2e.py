@@ -176,7 +176,7 @@ def test_a_queued_experiment_that_changes_only_the_benchmark_reruns_only_the_ben
     checkouts come back from DVC's run-cache instead of being rebuilt."""
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "before queue", "--allow-empty"],
         project, project_env())
-    run(["dvc", "exp", "run", "--queue", "-n", "queued-bench", "-S", "benchmark.measured_runs=3"], project, project_env())
+    run(["dvc", "exp", "run", "--queue", "-n", "queued-bench", "-S", "benchmark.measured_runs=4"], project, project_env())  # a value no earlier test ran
     run(["dvc", "exp", "run", "--run-all"], project, project_env(), timeout=900)
     logs = run(["dvc", "queue", "logs", "queued-bench"], project, project_env()).stdout
     assert _ran(logs) == {"benchmark", "report"}, logs[-3000:]
