@@ -72,3 +72,13 @@ def test_console_script_usage_names_itself():
     assert exe, "the llama3-pipeline console script is not installed (pip install -e .)"
     out = subprocess.run([str(exe), "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.startswith("usage: llama3-pipeline "), out.stdout[:200]
+
+
+def test_one_line_errors_stay_one_line_when_output_is_not_a_terminal(tmp_path):
+    """CI logs and DVC's output are not terminals: rich would wrap a long error at 80 columns."""
+    deep = tmp_path / ("a-rather-long-directory-name-" * 4) / "params.yaml"
+    out = subprocess.run([sys.executable, "-m", "pipeline", "validate", "--params", str(deep)], cwd=ROOT,
+                         capture_output=True, text=True, env={"COLUMNS": "80", "PATH": "/usr/bin:/bin"})
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 1 and len(lines) == 1, out.stderr
+    assert lines[0].startswith("error: ") and str(deep) in lines[0] and len(lines[0]) > 120
