@@ -162,6 +162,9 @@ class BenchmarkConfig:
     warmup_runs: int = 2
     measured_runs: int = 10
     seed: int = 0
+    # Decode step of the backends built on pipeline/model/llama.py (torch-compiled, torch-tp): auto = inductor
+    # (CUDA graphs) on CUDA, eager on CPU; inductor = always compile; eager = never.
+    compile: str = "auto"
 
     def validate(self) -> None:
         if not self.backends:
@@ -180,6 +183,7 @@ class BenchmarkConfig:
         _check_positive("benchmark.output_length", self.output_length, 2)
         _check_positive("benchmark.warmup_runs", self.warmup_runs, 0)
         _check_positive("benchmark.measured_runs", self.measured_runs, 1)
+        _check_choice("benchmark.compile", self.compile, ("auto", "inductor", "eager"))
 
 
 @dataclass
@@ -261,7 +265,8 @@ class EvaluateConfig:
 
     seq_len: int = 64
     max_sequences: Optional[int] = None
-    torch_precisions: list[str] = field(default_factory=lambda: ["fp32", "fp16", "bf16"])
+    torch_precisions: list[str] = field(
+        default_factory=lambda: ["fp32", "fp16", "bf16", "int8-wo", "fp8-wo", "fp8"])
     gate: GateConfig = field(default_factory=GateConfig)
 
     def validate(self) -> None:
@@ -270,8 +275,12 @@ class EvaluateConfig:
             _check_positive("evaluate.max_sequences", self.max_sequences)
         if "fp32" not in self.torch_precisions:
             _fail("evaluate.torch_precisions", "must include fp32 (the reference)")
+        # Float precisions run Hugging Face's model; the weight-quantized ones the project's Llama on CPU
+        # (pipeline/model/quant.py: torch >= 2.11 CPU runs all three).
+        from pipeline.precision import WEIGHT_QUANT_PRECISIONS
+
         for i, p in enumerate(self.torch_precisions):
-            _check_choice(f"evaluate.torch_precisions[{i}]", p, FLOAT_PRECISIONS)
+            _check_choice(f"evaluate.torch_precisions[{i}]", p, FLOAT_PRECISIONS + WEIGHT_QUANT_PRECISIONS)
         if self.gate.max_ppl_delta_pct < 0:
             _fail("evaluate.gate.max_ppl_delta_pct", f"must be >= 0, got {self.gate.max_ppl_delta_pct}")
         if not 0 <= self.gate.min_top1 <= 1:
@@ -338,12 +347,30 @@ class VerifyConfig:
 
 @dataclass
 class HardwareConfig:
+    """Where the benchmark runs, and the figures its roofline divides by (pipeline/benchmark/roofline.py)."""
+
     device: str = "cpu"
     num_threads: int = 0
+    name: Optional[str] = None  # e.g. "NVIDIA H100 SXM 80GB"; recorded with the figures
+    # true: the benchmark measures copy bandwidth and matmul peak on the spot; false: the figures below.
+    measure: bool = True
+    memory_bandwidth_gbs: Optional[float] = None  # GB/s (1e9 B/s)
+    peak_tflops: dict[str, float] = field(default_factory=dict)  # dense TFLOP/s (TOP/s for int8) per dtype
+    PEAK_DTYPES = ("fp32", "fp16", "bf16", "fp8", "int8")  # roofline.peak_dtype() names
 
     def validate(self) -> None:
         _check_choice("hardware.device", self.device, DEVICES)
         _check_positive("hardware.num_threads", self.num_threads, 0)
+        if self.memory_bandwidth_gbs is not None and not self.memory_bandwidth_gbs > 0:
+            _fail("hardware.memory_bandwidth_gbs", f"must be > 0 or null, got {self.memory_bandwidth_gbs}")
+        for dtype, tflops in self.peak_tflops.items():
+            if dtype not in self.PEAK_DTYPES:
+                _fail(f"hardware.peak_tflops.{dtype}", f"is not a known dtype ({', '.join(self.PEAK_DTYPES)})")
+            if not tflops > 0:
+                _fail(f"hardware.peak_tflops.{dtype}", f"must be > 0, got {tflops}")
+        if not self.measure and (self.memory_bandwidth_gbs is None or not self.peak_tflops):
+            _fail("hardware.measure", "is false but hardware.memory_bandwidth_gbs or hardware.peak_tflops is not "
+                  "set; give the published figures or set hardware.measure=true")
 
 
 @dataclass

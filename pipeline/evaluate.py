@@ -2,8 +2,11 @@
 
 Every artifact is run on the same token sequences from pipeline/data/heldout.txt (never the
 calibration corpus), in one full-sequence forward (prefill with an empty KV cache), and reduced
-to next-token logits [sequences, positions, vocab]. One scorer then compares them with the fp32
-reference:
+to next-token logits [sequences, positions, vocab]. The torch artifacts are Hugging Face's
+LlamaForCausalLM at fp32/fp16/bf16 and, for the weight-quantized precisions (int8-wo, fp8-wo, fp8),
+the project's own Llama (pipeline/model/llama.py) loaded with the same weights, its linears quantized
+by pipeline/model/quant.py from the fp32 weights and the rest run in the precision's compute dtype, on
+CPU. One scorer then compares them with the fp32 reference:
 
     ppl             exp(mean next-token negative log-likelihood) of the artifact on the held-out tokens
     ppl_delta_pct   100 * (ppl - ppl_ref) / ppl_ref   (signed: a gain in ppl never fails the gate)
@@ -28,6 +31,7 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.model.tokenizer import HELDOUT
+from pipeline.precision import WEIGHT_QUANT_PRECISIONS
 
 GATE_MODES = ("off", "warn", "fail")
 RANDOM_SEQUENCES = 8  # sequences scored without a tokenizer when evaluate.max_sequences is not set
@@ -79,13 +83,40 @@ def heldout_sequences(model_dir: Path, *, seq_len: int = 64, max_sequences: int 
     return ids[: n * seq_len].reshape(n, seq_len)
 
 
+def quantized_model(model_dir: Path, precision: str):
+    """The project's Llama with the model directory's weights, every linear quantized to `precision` (one of
+    WEIGHT_QUANT_PRECISIONS) from the fp32 weights, the rest cast to its compute dtype; CPU, eval mode."""
+    from pipeline.model.args import LlamaArgs
+    from pipeline.model.hf import CONFIG_FILE, load_hf_model, read_config
+    from pipeline.model.llama import Llama, hf_layout_state_dict
+    from pipeline.model.quant import check_supported, quantize_
+    from pipeline.precision import torch_dtype
+
+    check_supported(precision, torch.device("cpu"))
+    args = LlamaArgs.from_hf_config(read_config(model_dir), str(Path(model_dir) / CONFIG_FILE))
+    # Hugging Face reads the directory (single file or sharded index, any storage dtype) and its names are the
+    # project model's names; assign=True takes its fp32 tensors without a copy.
+    state = hf_layout_state_dict(load_hf_model(model_dir, torch.float32).state_dict(), args)
+    with torch.device("meta"):
+        model = Llama(args)
+    model.load_state_dict(state, strict=True, assign=True)
+    return quantize_(model, precision).to(torch_dtype(precision)).eval()
+
+
 @torch.inference_mode()
 def torch_logits(model_dir: Path, sequences: np.ndarray, precision: str = "fp32") -> np.ndarray:
-    """Logits of the Hugging Face model run in fp32, fp16 or bf16 (returned as float32)."""
+    """Logits of the Hugging Face model run in fp32, fp16 or bf16, or of the project's Llama with weight-quantized
+    linears (int8-wo, fp8-wo, fp8) on CPU (returned as float32)."""
     from pipeline.model.hf import load_hf_model
 
+    if precision in WEIGHT_QUANT_PRECISIONS:
+        model = quantized_model(model_dir, precision)
+        model.setup_cache(1, sequences.shape[1])  # every window has the same length; each forward rewrites it
+        positions = torch.arange(sequences.shape[1])
+        return np.stack([model(torch.from_numpy(seq[None]), positions)[0].float().numpy() for seq in sequences])
     if precision not in TORCH_DTYPES:
-        raise PipelineError(f"evaluate: torch precision must be one of {', '.join(TORCH_DTYPES)}; got {precision!r}")
+        raise PipelineError(f"evaluate: torch precision must be one of "
+                            f"{', '.join((*TORCH_DTYPES, *WEIGHT_QUANT_PRECISIONS))}; got {precision!r}")
     model = load_hf_model(model_dir, TORCH_DTYPES[precision])
     out = [model(input_ids=torch.from_numpy(seq[None]), use_cache=False).logits[0].float().numpy()
            for seq in sequences]
@@ -156,7 +187,7 @@ def evaluate(model_dir: Path, *, onnx_models: dict[str, Path] | None = None,
              torch_precisions: tuple[str, ...] = ("fp32", "fp16", "bf16"), gate: Gate = Gate(),
              seq_len: int = 64, max_sequences: int | None = None, text_path: Path = HELDOUT) -> dict[str, Any]:
     """Score each artifact against the fp32 reference -> {artifact: metrics}. Artifacts are named
-    'torch_<precision>' and the keys of onnx_models (e.g. {'onnx_fp32': ..., 'onnx_int8': ...}).
+    'torch_<precision>' (e.g. 'torch_bf16', 'torch_int8-wo') and the keys of onnx_models (e.g. {'onnx_fp32': ..., 'onnx_int8': ...}).
     The reference itself ('torch_fp32') scores exactly ppl_delta 0, top-1 1, KL 0."""
     gate.validate()
     from pipeline.model.hf import has_tokenizer

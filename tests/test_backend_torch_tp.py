@@ -43,12 +43,61 @@ def test_tp_backend_generates_the_reference_tokens(tiny_model_dir, tp2pp2_checkp
     assert json.loads(out.read_text()) == torch.stack(tokens, dim=1).tolist()
 
 
+COMPILED_SCRIPT = """
+import dataclasses, json, sys
+from pathlib import Path
+import torch
+from torch._dynamo.utils import counters
+from tests.helpers import make_backend
+
+backend = make_backend("torch-tp", Path(sys.argv[1]))
+backend.inputs = dataclasses.replace(backend.inputs, compile="inductor")
+backend.load()
+prompt = torch.randint(2, 512, (3, 9), generator=torch.Generator().manual_seed(0))
+backend.prepare(3, 9 + 6)
+graphs = counters["stats"]["unique_graphs"]
+tokens = [backend.prefill(prompt)]
+for _ in range(5):
+    tokens.append(backend.decode(tokens[-1]))
+if backend.is_reporting_rank:
+    Path(sys.argv[2]).write_text(json.dumps({"tokens": torch.stack(tokens, dim=1).tolist(), **backend.describe(),
+                                             "compiled_while_decoding": counters["stats"]["unique_graphs"] - graphs}))
+backend.close()
+"""
+
+
+def test_compiled_tp_decode_step_with_functional_collectives(tiny_model_dir, tmp_path_factory, tmp_path):
+    """benchmark.compile=inductor: each rank's decode step compiles with its all-reduces and the logits
+    all-gather inside the graph (fullgraph=True fails on a graph break), on gloo here, NCCL on CUDA."""
+    ckpt = tmp_path_factory.mktemp("tp2") / "trtllm"
+    trtllm.convert(tiny_model_dir, ckpt, tp=2, pp=1, dtype="fp32")
+    script, out = tmp_path / "compiled_tp.py", tmp_path / "out.json"
+    script.write_text(COMPILED_SCRIPT)
+    _torchrun(2, str(script), str(ckpt), str(out), env=project_env(PYTHONPATH=str(ROOT)))
+    data = json.loads(out.read_text())
+    reference = make_backend("torch", tiny_model_dir)
+    reference.load()
+    prompt = torch.randint(2, 512, (3, 9), generator=torch.Generator().manual_seed(0))
+    tokens = [reference.prefill(prompt)]
+    for _ in range(5):
+        tokens.append(reference.decode(tokens[-1]))
+    assert data["tokens"] == torch.stack(tokens, dim=1).tolist()
+    assert data["decode_step"] == "inductor" and list(data["compile_s_by_shape"]) == ["bs3_len15"]
+    assert data["compile_s"] > 0 and data["compiled_while_decoding"] == 0
+
+
 def test_benchmark_worker_runs_spmd_under_torchrun(tp2pp2_checkpoint, tmp_path):
     job = {"inputs": {"backend": "torch-tp", "artifact": str(tp2pp2_checkpoint), "precision": "fp32",
                       "device": "cpu", "num_threads": 0},
            "benchmark": {"backends": ["torch-tp"], "prompt_lengths": [8], "batch_sizes": [2], "output_length": 4,
                          "warmup_runs": 1, "measured_runs": 2, "seed": 0},
-           "vocab_size": 512, "distributed": True, "world_size": 4}
+           "vocab_size": 512, "distributed": True, "world_size": 4,
+           # What the launcher adds for the roofline: the model shape (the checkpoint manifest records it),
+           # published figures (so nothing is measured here) and how lm_head is stored.
+           "model": json.loads((tp2pp2_checkpoint / "manifest.json").read_text())["model"],
+           "hardware": {"device": "cpu", "num_threads": 0, "name": "test", "measure": False,
+                        "memory_bandwidth_gbs": 10.0, "peak_tflops": {"fp32": 1.0}},
+           "lm_head_quantized": False}
     job_path, result = tmp_path / "job.json", tmp_path / "result.json"
     job_path.write_text(json.dumps(job))
     cmd = worker_command(job, job_path, result)

@@ -240,7 +240,7 @@ def test_precision_no_listed_backend_can_run_is_rejected_at_compose_time():
 
 
 def test_backend_whose_artifact_is_not_converted_is_rejected():
-    with pytest.raises(ConfigError, match=r"benchmark.backends\[2\]=torch-tp loads artifacts/trtllm .*add trtllm to "
+    with pytest.raises(ConfigError, match=r"benchmark.backends\[3\]=torch-tp loads artifacts/trtllm .*add trtllm to "
                                           r"convert.formats or drop torch-tp"):
         compose_params(CONF, ["convert.formats=[ft]"])
     assert compose_params(CONF, ["convert.formats=[ft]", "benchmark.backends=[torch]"])

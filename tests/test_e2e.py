@@ -42,10 +42,10 @@ def test_repro_builds_every_output_with_sane_metrics(project, first_repro):
     manifest = json.loads((project / "artifacts/weights/manifest.json").read_text())
     assert manifest["parameter_count"] == 254_528
     all_metrics = json.loads((project / "metrics/benchmark.json").read_text())
-    assert set(all_metrics) == {"torch", "onnxruntime", "torch-tp"}
+    assert set(all_metrics) == {"torch", "torch-compiled", "onnxruntime", "torch-tp"}
     params = yaml.safe_load((project / "params.yaml").read_text())["benchmark"]
     scenarios = [(b, k) for b, m in all_metrics.items() for k in m if k != "load_s"]
-    assert len(scenarios) == 3 * len(params["prompt_lengths"]) * len(params["batch_sizes"])
+    assert len(scenarios) == 4 * len(params["prompt_lengths"]) * len(params["batch_sizes"])
     for backend, key in scenarios:
         s = all_metrics[backend][key]
         batch, out = int(key.split("_")[0][2:]), int(key.split("_")[2][3:])

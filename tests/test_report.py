@@ -16,6 +16,7 @@ from pipeline.backends.base import BackendInputs
 from pipeline.backends.registry import load_backend_class
 from pipeline.benchmark import results, runner
 from pipeline.config import BenchmarkConfig
+from pipeline.model.args import LlamaArgs
 from pipeline.errors import PipelineError
 from pipeline.evaluate import evaluate
 from pipeline.report.headline import HEADLINE_METRICS
@@ -38,7 +39,10 @@ def metrics_dir(tmp_path_factory, tiny_model_dir):
     """benchmark.json, conditions, runs CSV, evaluate.json and weights.json as the stages write them."""
     d = tmp_path_factory.mktemp("metrics")
     backend = load_backend_class("torch")(BackendInputs("torch", tiny_model_dir, PRECISION, "cpu"))
-    raw = {"torch": runner.benchmark_backend(backend, BENCH, vocab_size=512)}
+    args = LlamaArgs.from_hf_config(json.loads((tiny_model_dir / "config.json").read_text()), "config.json")
+    hardware = {"measure": False, "name": "test CPU", "memory_bandwidth_gbs": 20.0, "peak_tflops": {"bf16": 1.0}}
+    raw = {"torch": runner.benchmark_backend(backend, BENCH, vocab_size=512,
+                                             roof=runner.RooflineInputs(args, hardware, lm_head_quantized=False))}
     results.write_results(raw, d / "b.json", d / "c.json", d / "runs.csv")
     scored = evaluate(tiny_model_dir, torch_precisions=("fp32", PRECISION), max_sequences=2)
     atomic_write_json(d / "e.json", {**scored["metrics"], "reference_ppl": scored["reference_ppl"],
@@ -63,10 +67,13 @@ def built(tmp_path_factory, metrics_dir, tiny_model_dir):
 
 def test_report_from_real_benchmark_results(built):
     out, result = built
-    assert result["files"] == ["report.md", "latency.png", "throughput.png", "tpot_distribution.png", "accuracy.png"]
+    assert result["files"] == ["report.md", "latency.png", "throughput.png", "tpot_distribution.png", "roofline.png",
+                               "accuracy.png"]
     assert sorted(p.name for p in (out / "reports").iterdir()) == sorted(result["files"])
     md = (out / "reports/report.md").read_text()
     assert "| bs2_in8_out3 |" in md and "254,528 parameters" in md and "![latency.png](latency.png)" in md
+    assert "| decode bound (ms) | % of roofline | prefill MFU % |" in md and "![roofline.png](roofline.png)" in md
+    assert "Roofline figures: bf16 weights, 20 GB/s and 1 TFLOP/s bf16 (published, test CPU)." in md
     assert "| torch_bf16 |" in md and "(`torch_bf16`)" in md
     for png in result["files"][1:]:
         with Image.open(out / "reports" / png) as img:
@@ -163,4 +170,38 @@ def test_benchmark_and_runs_must_agree(tmp_path, metrics_dir, tiny_model_dir):
     lines = (d / "runs.csv").read_text().splitlines()
     (d / "runs.csv").write_text("\n".join(line for line in lines if "bs2_in8_out3" not in line) + "\n")
     with pytest.raises(PipelineError, match=r"runs\.csv: no runs for torch/bs2_in8_out3 of \S+b\.json"):
+        report.build(_inputs(d, tiny_model_dir), tmp_path / "reports")
+
+
+def test_backend_table_has_the_roofline_columns_of_each_scenario(built, metrics_dir):
+    out, _ = built
+    bench = json.loads((metrics_dir / "b.json").read_text())["torch"]["bs2_in8_out3"]
+    line = next(line for line in (out / "reports/report.md").read_text().splitlines()
+                if line.startswith("| bs2_in8_out3 |"))
+    bound, pct, mfu = (float(c) for c in line.strip("|").split("|")[-3:])
+    assert bound == pytest.approx(bench["decode_bound_ms"], rel=1e-2) and bound > 0
+    assert pct == pytest.approx(bench["roofline_pct"], rel=1e-2) and mfu == pytest.approx(bench["mfu_pct"], rel=1e-2)
+
+
+def test_roofline_panels_pair_each_tpot_with_its_bound(metrics_dir):
+    from pipeline.report import tables
+
+    bench = json.loads((metrics_dir / "b.json").read_text())
+    table = tables.scenario_table(bench, results.read_runs(metrics_dir / "runs.csv"))
+    panel = tables.roofline_panels(table)["torch"]
+    assert panel["scenario"] == ["bs1_in4_out3", "bs2_in4_out3", "bs1_in8_out3", "bs2_in8_out3"]
+    for i, key in enumerate(panel["scenario"]):
+        assert panel["tpot_ms_p50"][i] == bench["torch"][key]["tpot_ms_p50"]
+        assert panel["decode_bound_ms"][i] == bench["torch"][key]["decode_bound_ms"]
+    # Batch 2 reads the same weights as batch 1 plus a second KV cache: a bound at least as long.
+    assert panel["decode_bound_ms"][1] >= panel["decode_bound_ms"][0]
+
+
+def test_conditions_without_roofline_figures_are_named(tmp_path, metrics_dir, tiny_model_dir):
+    d = tmp_path / "metrics"
+    shutil.copytree(metrics_dir, d)
+    conditions = json.loads((d / "c.json").read_text())
+    del conditions["torch"]["roofline"]["peak_dtype"]
+    atomic_write_json(d / "c.json", conditions)
+    with pytest.raises(PipelineError, match=r"^\S+c\.json: torch\.roofline lacks peak_dtype; rerun"):
         report.build(_inputs(d, tiny_model_dir), tmp_path / "reports")

@@ -20,6 +20,7 @@ class BackendInputs:
     precision: str        # precision.name
     device: str           # hardware.device
     num_threads: int = 0  # hardware.num_threads (0 = library default)
+    compile: str = "auto"  # benchmark.compile: auto | inductor | eager (backends with a compiled decode step)
 
 
 class Backend(ABC):

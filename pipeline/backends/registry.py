@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Optional, Union
 
 from pipeline.errors import PipelineError
-from pipeline.precision import FLOAT_PRECISIONS
+from pipeline.precision import FLOAT_PRECISIONS, WEIGHT_QUANT_PRECISIONS
 
 @dataclass(frozen=True)
 class BackendSpec:
@@ -41,6 +41,10 @@ BACKENDS: dict[str, BackendSpec] = {s.name: s for s in (
     BackendSpec("torch", "pipeline.backends.torch_eager:TorchEagerBackend", FLOAT_PRECISIONS, ("cpu", "cuda"),
                 distributed=False, artifact="hf_weights",
                 summary="Hugging Face LlamaForCausalLM, eager, dynamic KV cache (the reference)"),
+    BackendSpec("torch-compiled", "pipeline.backends.torch_compiled:TorchCompiledBackend",
+                FLOAT_PRECISIONS + WEIGHT_QUANT_PRECISIONS, ("cpu", "cuda"), distributed=False, artifact="hf_weights",
+                summary="the project's Llama module: fused wqkv/w13, static KV cache, decode step compiled "
+                        "(benchmark.compile; CUDA graphs on CUDA)"),
     BackendSpec("onnxruntime", "pipeline.backends.onnxruntime:OnnxRuntimeBackend", ("fp32", "int8"),
                 ("cpu", "cuda"), distributed=False, artifact={"fp32": "onnx", "int8": "onnx_int8"},
                 summary="the exported ONNX decoder (fp32) or its INT8 QDQ graph, KV cache bound in onnxruntime"),

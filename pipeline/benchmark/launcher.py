@@ -17,8 +17,10 @@ from typing import Any
 
 from pipeline import artifacts, paths
 from pipeline.backends.registry import BackendSpec, spec
+from pipeline.benchmark import hardware, roofline
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
+from pipeline.model.args import LlamaArgs
 from pipeline.parallel import launch
 from pipeline.progress import console
 
@@ -41,9 +43,37 @@ def artifact_dir(backend: BackendSpec, precision: str) -> Path:
     return art.path
 
 
+def model_shape(weights_dir: Path) -> dict[str, Any]:
+    """The model's shape (LlamaArgs as a dict) from the weights' config.json: the roofline's input."""
+    path = Path(weights_dir) / "config.json"
+    if not path.is_file():
+        raise PipelineError(f"{path}: missing; rerun the weights stage (dvc repro)")
+    return LlamaArgs.from_hf_config(json.loads(path.read_text()), source=str(path)).to_dict()
+
+
+def lm_head_quantized(precision: str, artifact: Path) -> bool:
+    """Whether lm_head is stored in 8 bits at `precision`. The ONNX int8 graph quantizes every MatMul that
+    calibration.op_types covers except calibration.nodes_to_exclude (its manifest records both); the torch
+    weight-quantized precisions quantize every nn.Linear, lm_head included (pipeline/model/quant.py). Float
+    precisions: False."""
+    if roofline.storage(precision).channel == 0:
+        return False
+    if precision != "int8":
+        return True
+    settings = artifacts.read_manifest(artifact).get("settings")
+    if not isinstance(settings, dict) or "op_types" not in settings or "nodes_to_exclude" not in settings:
+        raise PipelineError(f"{artifact}/{artifacts.MANIFEST}: no settings.op_types / settings.nodes_to_exclude; "
+                            "rerun the calibrate stage (dvc repro)")
+    return "MatMul" in settings["op_types"] and "lm_head" not in settings["nodes_to_exclude"]
+
+
 def plan(cfg: PipelineConfig, vocab_size: int) -> Plan:
     jobs, skipped = {}, {}
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
+    hw = dataclasses.asdict(cfg.hardware)
+    if not cfg.hardware.measure:  # fail before any worker starts, not after it loaded the model
+        hardware.published(hw, roofline.peak_dtype(cfg.precision.name))
+    shape = model_shape(paths.WEIGHTS_DIR)
     for name in cfg.benchmark.backends:
         backend = spec(name)
         why = backend.cannot_run(cfg.precision.name, cfg.hardware.device)
@@ -59,9 +89,13 @@ def plan(cfg: PipelineConfig, vocab_size: int) -> Plan:
                                     f"params.yaml asks tp={tp} pp={pp}; rerun its stage (dvc repro)")
         jobs[name] = {
             "inputs": {"backend": name, "artifact": artifact.as_posix(), "precision": cfg.precision.name,
-                       "device": cfg.hardware.device, "num_threads": cfg.hardware.num_threads},
+                       "device": cfg.hardware.device, "num_threads": cfg.hardware.num_threads,
+                       "compile": cfg.benchmark.compile},
             "benchmark": dataclasses.asdict(cfg.benchmark), "vocab_size": vocab_size,
             "distributed": backend.distributed, "world_size": tp * pp if backend.distributed else 1,
+            # The roofline's inputs: model shape, hardware figures (or measure them), how lm_head is stored.
+            "model": shape, "hardware": hw,
+            "lm_head_quantized": lm_head_quantized(cfg.precision.name, artifact),
         }
     distributed = [n for n in jobs if spec(n).distributed]
     parallel: dict[str, Any] = {"tp": tp, "pp": pp}

@@ -1,4 +1,5 @@
-"""Benchmark outputs: metrics JSON (DVC metrics), per-run CSV (DVC plots), run conditions."""
+"""Benchmark outputs: metrics JSON (DVC metrics), per-run CSV (DVC plots), run conditions (with the hardware
+figures each backend's roofline used, measured or published)."""
 
 from __future__ import annotations
 
@@ -9,8 +10,13 @@ from typing import Any
 
 from pipeline.artifacts import atomic_write_json, atomic_write_text
 
+# The roofline of each run (pipeline/benchmark/roofline.py, ScenarioRoofline.fields): bytes and FLOPs of a decode
+# step, prefill FLOPs, the hardware figures used (GB/s; TFLOP/s of the precision's matmul dtype), the decode
+# lower bound (ms), TPOT as % of it and prefill model FLOPs utilization (%). Per-scenario summaries carry the same.
+ROOFLINE_COLUMNS = ["decode_bytes_per_step", "decode_flops_per_step", "prefill_flops", "memory_bandwidth_gbs",
+                    "peak_tflops", "decode_bound_ms", "roofline_pct", "mfu_pct"]
 RUN_COLUMNS = ["backend", "scenario", "tp", "pp", "batch_size", "prompt_length", "output_length", "run", "ttft_ms", "tpot_ms",
-               "e2el_ms", "output_tokens", "tokens_per_s"]
+               "e2el_ms", "output_tokens", "tokens_per_s", *ROOFLINE_COLUMNS]
 
 
 def write_results(results: dict[str, dict[str, Any]], metrics_path: Path, conditions_path: Path,

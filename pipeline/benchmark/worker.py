@@ -1,7 +1,8 @@
 """Child process of the benchmark stage: load one backend, run every scenario, write JSON.
 
 Everything it needs comes in one job file written by the launcher (backend name, the explicit artifact path,
-precision, device, benchmark settings); it reads no params.yaml and guesses no path."""
+precision, device, benchmark settings, and for the roofline the model shape, the hardware figures or whether to
+measure them, and whether lm_head is 8-bit); it reads no params.yaml and guesses no path."""
 
 from __future__ import annotations
 
@@ -14,9 +15,10 @@ import torch
 from pipeline.artifacts import atomic_write_json
 from pipeline.backends.base import BackendInputs
 from pipeline.backends.registry import load_backend_class
-from pipeline.benchmark.runner import benchmark_backend
+from pipeline.benchmark.runner import RooflineInputs, benchmark_backend
 from pipeline.config import BenchmarkConfig
 from pipeline.errors import PipelineError
+from pipeline.model.args import LlamaArgs
 from pipeline.progress import console
 
 
@@ -29,7 +31,9 @@ def main(argv: list[str]) -> int:
             torch.set_num_threads(inputs.num_threads)
         backend = load_backend_class(inputs.backend)(inputs)
         try:
-            result = benchmark_backend(backend, BenchmarkConfig(**job["benchmark"]), vocab_size=job["vocab_size"])
+            roof = RooflineInputs(LlamaArgs(**job["model"]), job["hardware"], job["lm_head_quantized"])
+            result = benchmark_backend(backend, BenchmarkConfig(**job["benchmark"]), vocab_size=job["vocab_size"],
+                                       roof=roof)
         finally:
             backend.close()
     except PipelineError as e:

@@ -1,11 +1,17 @@
 """Compact Llama 3 forward pass (gpt-fast style): RMSNorm, llama3-scaled RoPE, GQA, SwiGLU, static KV cache.
 
-Parameter names are Hugging Face's (`model.layers.{l}.self_attn.q_proj.weight`, ...), so a Hugging Face state
-dict, or one tensor-parallel rank's shard of it, loads with `load_state_dict(strict=True)`: a missing or
+Each layer runs 4 matmuls: q/k/v fused into `wqkv` (rows q | k | v), gate/up fused into `w13` (rows gate | up),
+then o_proj and down_proj. The state dict still speaks Hugging Face: loading concatenates `q_proj`/`k_proj`/
+`v_proj` (`gate_proj`/`up_proj`) into the fused weight, and `state_dict()` splits it back, so a Hugging Face
+state dict, or one tensor-parallel rank's shard of it, loads with `load_state_dict(strict=True)`: a missing or
 leftover name raises. The module can hold one pipeline stage (a layer range, with the embedding only on the
 first stage and norm + lm_head only on the last) and one tensor-parallel rank (local head and column counts);
 the collectives are added by pipeline.parallel.tp, so this file needs nothing but torch.
-"""
+
+Static KV cache: per layer K and V of [batch, kv_heads, max_seq_len, head_dim], written with `index_copy_` at
+the position tensor, read by scaled_dot_product_attention with `enable_gqa` (no repeated copy of the cache)
+and a boolean causal mask row per position. cos/sin tables are precomputed for every position, so a decode
+step has static shapes and no host-side values: it compiles to one graph (pipeline/model/fused.py)."""
 
 from __future__ import annotations
 
@@ -44,6 +50,34 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _fuse_hf_weights(module: nn.Module, fused: str, parts: tuple[str, ...]) -> None:
+    """Keep Hugging Face names in the state dict of a module whose `fused` linear holds `parts` stacked by rows.
+
+    Loading: a pre-hook concatenates the parts' weights into `<fused>.weight` (load_state_dict copies the
+    caller's dict first). When a part is absent nothing is fused, so strict loading reports the missing name.
+    Saving: a post-hook splits the weight back into the parts' names, in place, keeping the module's order;
+    only while `fused` is a plain nn.Linear (a quantized replacement keeps its own, fused, names)."""
+    def load_hook(_module, state_dict, prefix, *_):
+        names = [f"{prefix}{p}.weight" for p in parts]
+        if all(n in state_dict for n in names):
+            state_dict[f"{prefix}{fused}.weight"] = torch.cat([state_dict.pop(n) for n in names])
+
+    def save_hook(mod, state_dict, prefix, _metadata):
+        key = f"{prefix}{fused}.weight"
+        if type(getattr(mod, fused)) is not nn.Linear or key not in state_dict:
+            return
+        own = {k: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix)]}
+        for k, v in own.items():
+            if k != key:
+                state_dict[k] = v
+                continue
+            for part, w in zip(parts, v.split(mod.fused_sizes[fused], dim=0)):
+                state_dict[f"{prefix}{part}.weight"] = w
+
+    module.register_load_state_dict_pre_hook(load_hook)
+    module.register_state_dict_post_hook(save_hook)
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -58,9 +92,8 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """q/k/v are column-parallel (local heads), o_proj row-parallel (local input columns).
-
-    With tp > num_kv_heads every rank holds one KV head, replicated across tp/num_kv_heads ranks."""
+    """wqkv is column-parallel (local q heads | local kv heads | local kv heads), o_proj row-parallel (local
+    input columns). With tp > num_kv_heads every rank holds one KV head, replicated across tp/num_kv_heads ranks."""
 
     def __init__(self, args: LlamaArgs, tp: int):
         super().__init__()
@@ -68,43 +101,49 @@ class Attention(nn.Module):
         self.n_q = args.num_heads // tp
         self.n_kv = max(args.num_kv_heads // tp, 1)
         self.head_dim = d
-        self.q_proj = nn.Linear(h, self.n_q * d, bias=False)
-        self.k_proj = nn.Linear(h, self.n_kv * d, bias=False)
-        self.v_proj = nn.Linear(h, self.n_kv * d, bias=False)
+        self.fused_sizes = {"wqkv": [self.n_q * d, self.n_kv * d, self.n_kv * d]}
+        self.wqkv = nn.Linear(h, sum(self.fused_sizes["wqkv"]), bias=False)
         self.o_proj = nn.Linear(self.n_q * d, h, bias=False)
-        self.k_cache: Optional[torch.Tensor] = None
-        self.v_cache: Optional[torch.Tensor] = None
+        # Non-persistent buffers: not in the state dict; moved by .to(); static inputs to a compiled step.
+        self.register_buffer("k_cache", None, persistent=False)
+        self.register_buffer("v_cache", None, persistent=False)
+        _fuse_hf_weights(self, "wqkv", ("q_proj", "k_proj", "v_proj"))
 
-    def forward(self, x, cos, sin, input_pos, mask):
+    def forward(self, x, cos, sin, input_pos, mask, new_sequence: bool):
         b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.n_q, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k, v = self.wqkv(x).split(self.fused_sizes["wqkv"], dim=-1)
+        q = q.view(b, s, self.n_q, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        # Static cache [b, n_kv, max_seq, d]: write this step's keys/values at their positions, attend to all
-        # positions; the mask hides the ones not written yet.
-        self.k_cache[:b, :, input_pos] = k
-        self.v_cache[:b, :, input_pos] = v
-        groups = self.n_q // self.n_kv  # q head j uses kv head j // groups, as HF repeat_kv
-        keys = self.k_cache[:b].repeat_interleave(groups, dim=1)
-        values = self.v_cache[:b].repeat_interleave(groups, dim=1)
-        y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        self.k_cache.index_copy_(2, input_pos, k)
+        self.v_cache.index_copy_(2, input_pos, v)
+        if new_sequence:
+            # Positions 0..s-1 of new requests: this call's keys are the whole history, so a plain causal
+            # kernel (flash attention on CUDA) runs on them, whatever earlier requests left in the cache.
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            # Attend to every cache slot; the mask hides the ones past each query's position (stale or zero).
+            # q head j uses kv head j // (n_q / n_kv), as HF's repeat_kv.
+            y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(b, s, self.n_q * self.head_dim))
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x)); gate/up column-parallel, down row-parallel."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); w13 = gate | up, column-parallel, down row-parallel."""
 
     def __init__(self, args: LlamaArgs, tp: int):
         super().__init__()
         i = args.intermediate_size // tp
-        self.gate_proj = nn.Linear(args.hidden_size, i, bias=False)
-        self.up_proj = nn.Linear(args.hidden_size, i, bias=False)
+        self.fused_sizes = {"w13": [i, i]}
+        self.w13 = nn.Linear(args.hidden_size, 2 * i, bias=False)
         self.down_proj = nn.Linear(i, args.hidden_size, bias=False)
+        _fuse_hf_weights(self, "w13", ("gate_proj", "up_proj"))
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.w13(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class Block(nn.Module):
@@ -115,8 +154,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, tp)
 
-    def forward(self, x, cos, sin, input_pos, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask)
+    def forward(self, x, cos, sin, input_pos, mask, new_sequence: bool):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, new_sequence)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -142,40 +181,59 @@ class Llama(nn.Module):
         if last:
             self.model.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
             self.lm_head = nn.Linear(args.hidden_size, padded_vocab(args.vocab_size, tp) // tp, bias=False)
+        for name in ("rope_cos", "rope_sin", "causal"):  # [max_seq, head_dim] x2, [max_seq, max_seq] bool
+            self.register_buffer(name, None, persistent=False)
         self.max_seq_len = 0
+        self.cache_batch = 0
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """Compute dtype: the norms' (never quantized, unlike the linears, whose storage may be int8/fp8)."""
+        return next(m.weight.dtype for m in self.modules() if isinstance(m, RMSNorm))
 
     def setup_cache(self, batch: int, max_seq_len: int) -> None:
+        """(Re)allocate the static caches and tables for `batch` sequences of up to `max_seq_len` positions."""
         if max_seq_len > self.args.max_position_embeddings:
             raise PipelineError(f"prompt + new tokens = {max_seq_len} exceeds max_position_embeddings="
                                 f"{self.args.max_position_embeddings}")
-        p = next(self.parameters())
+        dtype, device = self.dtype, next(self.parameters()).device
         # float32 whatever the weights' dtype (HF keeps inv_freq in float32 too); not a buffer, so a model
         # built on the meta device and loaded with assign=True needs nothing else.
-        self.inv_freq = rope_inv_freq(self.args).to(p.device)
+        self.inv_freq = rope_inv_freq(self.args).to(device)
+        # cos/sin in float32 then cast, as HF's rotary embedding does; row p = position p.
+        freqs = torch.arange(max_seq_len, device=device).float()[:, None] * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        self.rope_cos, self.rope_sin = emb.cos().to(dtype), emb.sin().to(dtype)
+        self.causal = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=device).tril()
         for block in self.model.layers.values():
             attn = block.self_attn
             shape = (batch, attn.n_kv, max_seq_len, attn.head_dim)
-            attn.k_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
-            attn.v_cache = torch.zeros(shape, dtype=p.dtype, device=p.device)
-        self.max_seq_len = max_seq_len
-        self.causal = torch.ones(max_seq_len, max_seq_len, dtype=torch.bool, device=p.device).tril()
+            # Zeros, not empty: masked slots still enter attention's P @ V with weight 0, and 0 * NaN = NaN.
+            attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
+            attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
+        self.max_seq_len, self.cache_batch = max_seq_len, batch
 
-    def forward(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        """x: token ids [b, s] on the first stage, else hidden states [b, s, hidden] from the previous stage.
-        Returns hidden states, or this rank's logits slice on the last stage."""
+    def forward(self, x: torch.Tensor, input_pos: torch.Tensor, *, new_sequence: bool = False,
+                last_only: bool = False) -> torch.Tensor:
+        """x: token ids [b, s] on the first stage, else hidden states [b, s, hidden] from the previous stage;
+        input_pos: the s positions (int64 tensor). new_sequence: input_pos is 0..s-1 (a prefill), so attention
+        needs only this call's keys. last_only: logits of the last position only ([b, 1, V]; a prefill's
+        next token needs no more). Returns hidden states, or this rank's logits slice on the last stage."""
         if self.max_seq_len == 0:
             raise PipelineError("Llama.setup_cache() must be called before forward()")
+        if x.shape[0] != self.cache_batch:
+            raise PipelineError(f"batch of {x.shape[0]} sequences but the KV cache holds {self.cache_batch}; "
+                                f"call setup_cache() with this batch size")
         if self.first:
             x = self.model.embed_tokens(x)
-        # cos/sin in float32 then cast, as HF's rotary embedding does.
-        freqs = input_pos[:, None].float() * self.inv_freq[None, :]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
         mask = self.causal[input_pos][None, None]
         for block in self.model.layers.values():
-            x = block(x, cos, sin, input_pos, mask)
+            x = block(x, cos, sin, input_pos, mask, new_sequence)
         if not self.last:
             return x
+        if last_only:
+            x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
 

@@ -8,7 +8,7 @@ pass through all stages (no micro-batching: this runner checks correctness, it i
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,16 +21,22 @@ from pipeline.parallel.mapping import Mapping
 class Stage:
     def __init__(self, model: Llama, mapping: Mapping, device: torch.device):
         self.model, self.mapping, self.device = model, mapping, device
-        self.dtype = next(model.parameters()).dtype
+        self.dtype = model.dtype
 
-    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> Optional[torch.Tensor]:
-        """tokens [b, s] (known to every rank). Returns full logits [b, s, V] on the last stage, else None."""
+    def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor, *,
+                step: Optional[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = None,
+                **model_kwargs) -> Optional[torch.Tensor]:
+        """tokens [b, s] (known to every rank). Returns full logits [b, s, V] on the last stage, else None.
+
+        step: run this rank's part as step(x, input_pos) instead of the model (a compiled decode step,
+        pipeline/model/fused.py); on the last stage the result is then whatever step returns (next tokens).
+        model_kwargs go to Llama.forward (new_sequence, last_only)."""
         m = self.mapping
         x = tokens
         if not m.is_first_stage:
             x = torch.empty(*tokens.shape, self.model.args.hidden_size, dtype=self.dtype, device=self.device)
             dist.recv(x, src=m.prev_rank)
-        y = self.model(x, input_pos)
+        y = step(x, input_pos) if step is not None else self.model(x, input_pos, **model_kwargs)
         if m.is_last_stage:
             return y
         dist.send(y.contiguous(), dst=m.next_rank)
@@ -53,7 +59,7 @@ class Stage:
         self.model.setup_cache(1, len(prompt) + max_new_tokens)
         ids = torch.tensor([prompt], dtype=torch.int64, device=self.device)
         t0 = time.perf_counter()
-        logits = self.forward(ids, torch.arange(len(prompt), device=self.device))
+        logits = self.forward(ids, torch.arange(len(prompt), device=self.device), new_sequence=True)
         tokens = [self._next_token(logits)]
         prefill_s = time.perf_counter() - t0
         prompt_logits = None if logits is None else logits[0].float()

@@ -1,10 +1,15 @@
-"""Tensor parallelism for pipeline.model.llama (gpt-fast's tp.py approach: local shapes + forward hooks).
+"""Tensor parallelism for pipeline.model.llama (gpt-fast's tp.py approach: local shapes + forward hooks that
+call functional collectives, so a compiled decode step traces its collectives instead of breaking on them).
 
 The model is built with each rank's local sizes, so the linears are already split:
-  column-parallel  q/k/v_proj, gate/up_proj   [out/tp, in]   need no communication
-  row-parallel     o_proj, down_proj          [out, in/tp]   partial sums -> all-reduce over the TP group
-  lm_head          [ceil(V/tp), H] rows       local logits -> all-gather over the TP group, drop padding
-Embedding, norms and residuals are replicated, so every TP rank of a stage holds identical activations."""
+  column-parallel  wqkv (q|k|v), w13 (gate|up)  [out/tp, in]   need no communication
+  row-parallel     o_proj, down_proj            [out, in/tp]   partial sums -> all-reduce over the TP group
+  lm_head          [ceil(V/tp), H] rows         local logits -> all-gather over the TP group, drop padding
+Embedding, norms and residuals are replicated, so every TP rank of a stage holds identical activations.
+
+The hooks sit on the attention and MLP modules and on the model, not on their linears, so replacing a linear
+(weight quantization) keeps them. `_functional_collectives` return new tensors (waited on first use) where
+`dist.all_reduce` would mutate its argument in place, which torch.compile cannot capture."""
 
 from __future__ import annotations
 
@@ -29,31 +34,32 @@ def new_tp_group(mapping: Mapping) -> Optional[dist.ProcessGroup]:
     return mine
 
 
-def row_parallel(linear: torch.nn.Linear, group: dist.ProcessGroup) -> None:
-    """Sum the partial outputs of a row-parallel linear over the TP group."""
+def all_reduce_output(module: torch.nn.Module, group: dist.ProcessGroup) -> None:
+    """Sum `module`'s output (the partial sums of its row-parallel linear) over the TP group."""
+    from torch.distributed import _functional_collectives as funcol
+
+    module.register_forward_hook(lambda _module, _inputs, output: funcol.all_reduce(output, "sum", group))
+
+
+def gathered_logits(model: Llama, group: dist.ProcessGroup, vocab_size: int) -> None:
+    """Concatenate every rank's vocab slice of the logits (rank order = vocab order), drop the zero padding."""
+    from torch.distributed import _functional_collectives as funcol
+
+    # all_gather_single is all_gather_tensor renamed: torch 2.13 deprecates the old name, older torch lacks the new.
+    gather = getattr(funcol, "all_gather_single", None) or funcol.all_gather_tensor
+
     def hook(_module, _inputs, output):
-        dist.all_reduce(output, op=dist.ReduceOp.SUM, group=group)
-        return output
+        return gather(output.contiguous(), output.dim() - 1, group)[..., :vocab_size]
 
-    linear.register_forward_hook(hook)
-
-
-def gathered_logits(lm_head: torch.nn.Linear, group: dist.ProcessGroup, tp: int, vocab_size: int) -> None:
-    """Concatenate every rank's vocab slice (rank order = vocab order) and drop the zero padding rows."""
-    def hook(_module, _inputs, output):
-        parts = [torch.empty_like(output) for _ in range(tp)]
-        dist.all_gather(parts, output.contiguous(), group=group)
-        return torch.cat(parts, dim=-1)[..., :vocab_size]
-
-    lm_head.register_forward_hook(hook)
+    model.register_forward_hook(hook)
 
 
 def apply_tp(model: Llama, group: Optional[dist.ProcessGroup], tp: int) -> Llama:
     if tp == 1:
         return model
     for block in model.model.layers.values():
-        row_parallel(block.self_attn.o_proj, group)
-        row_parallel(block.mlp.down_proj, group)
+        all_reduce_output(block.self_attn, group)
+        all_reduce_output(block.mlp, group)
     if model.last:
-        gathered_logits(model.lm_head, group, tp, model.args.vocab_size)
+        gathered_logits(model, group, model.args.vocab_size)
     return model

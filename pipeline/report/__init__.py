@@ -37,7 +37,8 @@ def build(inputs: ReportInputs, out_dir: Path, *, headline_path: Path | None = N
     data = load(inputs)
     table = tables.scenario_table(data.benchmark, data.runs)
     head = headline_mod.headline(data.benchmark, data.conditions, data.evaluate)
-    plots = ["latency.png", "throughput.png", "tpot_distribution.png"]
+    plots = ["latency.png", "throughput.png", "tpot_distribution.png", "roofline.png"]
+    titles = {b: f"{b}: {tables.roofline_figures(data.conditions[b])}" for b in tables.backends(table)}
     if data.evaluate:
         plots.append("accuracy.png")
     if data.graph:
@@ -46,6 +47,7 @@ def build(inputs: ReportInputs, out_dir: Path, *, headline_path: Path | None = N
         draw.latency(table, tmp / "latency.png")
         draw.throughput(table, tmp / "throughput.png")
         draw.tpot_distribution(tables.tpot_groups(data.runs), tmp / "tpot_distribution.png")
+        draw.roofline(table, titles, tmp / "roofline.png")
         if data.evaluate:
             draw.accuracy(tables.accuracy_rows(data.evaluate), tmp / "accuracy.png")
         if data.graph:

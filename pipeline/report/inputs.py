@@ -15,7 +15,10 @@ from pipeline.report import tables
 
 # Per-scenario fields of metrics/benchmark.json that the tables, plots and markdown read.
 SCENARIO_FIELDS = ("ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "tpot_ms_p50", "tpot_ms_p90", "tpot_ms_p99",
-                   "e2el_ms_p50", "output_token_throughput", "peak_memory_mb")
+                   "e2el_ms_p50", "output_token_throughput", "peak_memory_mb", "decode_bound_ms", "roofline_pct",
+                   "mfu_pct")
+# What benchmark_conditions.json's "roofline" entry of each benchmarked backend must say (the figures used).
+ROOFLINE_CONDITIONS = ("source", "memory_bandwidth_gbs", "peak_tflops", "peak_dtype")
 # Per-artifact fields of metrics/evaluate.json (pipeline/evaluate.py `score` + `apply_gate`).
 EVALUATE_FIELDS = ("ppl", "ppl_delta_pct", "top1_agreement", "kl_mean", "gate_pass")
 RUN_FIELDS = ("backend", "scenario", "batch_size", "prompt_length", "output_length", "tpot_ms")
@@ -104,6 +107,9 @@ def load(inputs: ReportInputs) -> ReportData:
             if isinstance(summary, dict):
                 _require(inputs.benchmark, f"{backend}.{key}", summary, SCENARIO_FIELDS)
     _require(inputs.runs, "the header", data.runs[0], RUN_FIELDS)
+    for backend in data.benchmark:
+        _require(inputs.conditions, backend, data.conditions.get(backend, {}), ("roofline",))
+        _require(inputs.conditions, f"{backend}.roofline", data.conditions[backend]["roofline"], ROOFLINE_CONDITIONS)
     absent = tables.missing_runs(data.benchmark, data.runs)
     if absent:
         raise PipelineError(f"{inputs.runs}: no runs for {', '.join(absent)} of {inputs.benchmark}; "

@@ -40,13 +40,17 @@ def _backend_section(backend: str, rows: list[dict[str, Any]], cond: dict[str, A
              f"{cond.get('ignore_eos')}, {cond.get('warmup_runs')} warm-up + {cond.get('measured_runs')} "
              f"measured runs per scenario, percentiles: numpy `{cond.get('percentile_method')}`, memory: "
              f"`{cond.get('memory_method')}`, load time {_fmt(load_s)} s.{accuracy}", "",
-             "| scenario | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) | E2E p50 (ms) | output tok/s | peak MiB |",
-             "|---|---|---|---|---|---|"]
+             f"Roofline figures: {tables.roofline_figures(cond)}. Decode bound = max(bytes / bandwidth, FLOPs / "
+             "peak) per step; % of roofline = bound / TPOT p50; prefill MFU = prefill FLOPs / TTFT p50 / peak.", "",
+             "| scenario | TTFT p50 / p90 / p99 (ms) | TPOT p50 / p90 / p99 (ms) | E2E p50 (ms) | output tok/s | peak MiB "
+             "| decode bound (ms) | % of roofline | prefill MFU % |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for s in rows:
         lines.append(f"| {s['scenario']} | {_fmt(s['ttft_ms_p50'])} / {_fmt(s['ttft_ms_p90'])} / {_fmt(s['ttft_ms_p99'])} "
                      f"| {_fmt(s['tpot_ms_p50'])} / {_fmt(s['tpot_ms_p90'])} / {_fmt(s['tpot_ms_p99'])} "
                      f"| {_fmt(s['e2el_ms_p50'])} | {_fmt(s['output_token_throughput'])} "
-                     f"| {_fmt(s['peak_memory_mb'])} |")
+                     f"| {_fmt(s['peak_memory_mb'])} | {s['decode_bound_ms']:.3g} | {s['roofline_pct']:.3g} "
+                     f"| {s['mfu_pct']:.3g} |")
     return lines + [""]
 
 

@@ -48,6 +48,28 @@ def latency(table: list[dict[str, Any]], out: Path) -> None:
     _save(fig, out)
 
 
+def roofline(table: list[dict[str, Any]], titles: dict[str, str], out: Path) -> None:
+    """Decode: TPOT p50 (bar) vs roofline bound (grey) per scenario; label = bound / TPOT, 100 % = at the roofline."""
+    panels = tables.roofline_panels(table)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(6.0, 4.2 * len(panels)), 4.5), squeeze=False)
+    for ax, (backend, panel) in zip(axes[0], panels.items()):
+        x = np.arange(len(panel["scenario"]))
+        bars = ax.bar(x - 0.2, panel["tpot_ms_p50"], 0.4, label="TPOT p50 (measured)")
+        ax.bar(x + 0.2, panel["decode_bound_ms"], 0.4, color="tab:gray", label="decode bound (roofline)")
+        for bar, pct in zip(bars, panel["roofline_pct"]):
+            ax.annotate(f"{pct:.3g} %", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center",
+                        va="bottom", fontsize=8)
+        # Log scale: a launch-bound backend can be 100x above its bound, and both bars must stay readable.
+        ax.set_yscale("log")
+        ax.set_xticks(x, panel["scenario"], rotation=20, ha="right", fontsize=8)
+        ax.set_title(titles.get(backend, backend), fontsize=9)
+        ax.set_ylabel("ms per decode step")
+        ax.grid(axis="y", alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("Decode step: measured vs roofline (bound = max(bytes / bandwidth, FLOPs / peak))", fontsize=10)
+    _save(fig, out)
+
+
 def throughput(table: list[dict[str, Any]], out: Path) -> None:
     """Output tokens/s vs batch size (log2), a line per backend and prompt length; flattening = batching stops paying."""
     fig, ax = plt.subplots(figsize=(7, 4.5))

@@ -13,8 +13,10 @@ from typing import Any
 
 # Identify a (backend, scenario) row; tp and pp say how the backend's model was split (1 = not split).
 KEY_FIELDS = ("backend", "scenario", "batch_size", "prompt_length", "output_length", "tp", "pp")
-# What plots/backend_scenarios.json keeps per row for `dvc plots`: medians in ms, throughput in tokens/s.
-PLOT_DATA_FIELDS = (*KEY_FIELDS, "ttft_ms_p50", "tpot_ms_p50", "e2el_ms_p50", "output_token_throughput")
+# What plots/backend_scenarios.json keeps per row for `dvc plots`: medians in ms, throughput in tokens/s, the
+# decode lower bound in ms and TPOT p50 as % of it.
+PLOT_DATA_FIELDS = (*KEY_FIELDS, "ttft_ms_p50", "tpot_ms_p50", "e2el_ms_p50", "output_token_throughput",
+                    "decode_bound_ms", "roofline_pct")
 
 
 def _shape_order(row: dict[str, Any]) -> tuple[int, int, int]:
@@ -66,6 +68,28 @@ def by_scenario(table: list[dict[str, Any]], metric: str) -> dict[str, list[floa
     order = scenario_order(table)
     values = {(row["backend"], row["scenario"]): row[metric] for row in table}
     return {b: [values.get((b, s), math.nan) for s in order] for b in backends(table)}
+
+
+def roofline_panels(table: list[dict[str, Any]]) -> dict[str, dict[str, list]]:
+    """{backend: {"scenario": [...], "tpot_ms_p50": [...], "decode_bound_ms": [...], "roofline_pct": [...]}}, the
+    scenarios a backend ran in shape order: what the roofline chart draws, one panel per backend."""
+    panels: dict[str, dict[str, list]] = {}
+    for row in table:
+        panel = panels.setdefault(row["backend"], {k: [] for k in ("scenario", "tpot_ms_p50", "decode_bound_ms",
+                                                                    "roofline_pct")})
+        for key, values in panel.items():
+            values.append(row[key])
+    return panels
+
+
+def roofline_figures(cond: dict[str, Any]) -> str:
+    """'bf16 weights, 4,800 GB/s and 989.5 TFLOP/s bf16 (published, NVIDIA H200 SXM 141GB)' from a backend's
+    benchmark conditions: which hardware figures its roofline used and where they came from."""
+    r = cond["roofline"]
+    where = ", ".join(str(x) for x in (r["source"], r.get("name")) if x)
+    devices = f" x {r['devices']} devices" if r.get("devices", 1) > 1 else ""
+    return (f"{cond.get('precision')} weights, {r['memory_bandwidth_gbs']:,.4g} GB/s and {r['peak_tflops']:,.4g} "
+            f"TFLOP/s {r['peak_dtype']}{devices} ({where})")
 
 
 def throughput_lines(table: list[dict[str, Any]]) -> dict[tuple[str, int], list[tuple[int, float]]]:

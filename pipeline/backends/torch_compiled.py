@@ -1,0 +1,81 @@
+"""Backend `torch-compiled`: the project's own Llama module (pipeline/model/llama.py) on the Hugging Face weights
+(artifacts/weights), gpt-fast style: q/k/v and gate/up fused at load (4 matmuls per layer), a static KV cache
+sized per scenario in prepare(), eager prefill, and the decode step compiled (benchmark.compile; on CUDA with
+CUDA graphs, pipeline/model/fused.py).
+
+Compile time is never inside a latency: prepare() compiles and records the step for the scenario's shape
+before the runner's warm-up and timed runs, and describe() reports it (conditions: compile_s, per shape)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.backends.base import Backend
+from pipeline.errors import PipelineError
+from pipeline.precision import WEIGHT_QUANT_PRECISIONS
+
+# Inductor / FX graph cache, git-ignored, relative to the project root (the benchmark stage's working directory).
+INDUCTOR_CACHE_DIR = Path(".cache/inductor")
+
+
+class TorchCompiledBackend(Backend):
+    def load(self) -> None:
+        from pipeline.convert.load import load_hf
+        from pipeline.model.fused import DecodeStep, compile_enabled
+
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise PipelineError("hardware.device=cuda but torch sees no CUDA device; use hardware=cpu")
+        compiled = compile_enabled(self.inputs.compile, self.device)
+        quantized = self.precision in WEIGHT_QUANT_PRECISIONS
+        if quantized:
+            from pipeline.model import quant
+
+            quant.check_supported(self.precision, self.device)
+        self.model = load_hf(self.artifact, self.device, self.precision)
+        if quantized:
+            quant.quantize_(self.model, self.precision)  # after fusion: wqkv / w13 are quantized whole
+        self.step = DecodeStep(self.model, compiled, INDUCTOR_CACHE_DIR)
+        self.pos = 0  # next position, on the host: the cache bound is checked without a device sync
+
+    @torch.inference_mode()
+    def prepare(self, batch_size: int, max_seq_len: int) -> None:
+        self.model.setup_cache(batch_size, max_seq_len)
+        # Inputs made as decode() makes them (inference tensors, a [b] -> [b, 1] view): dynamo guards on such
+        # properties, and any difference would recompile at the first timed decode. The warm-up writes cache
+        # position 0, which every prefill overwrites.
+        self.input_pos = torch.zeros(1, dtype=torch.int64, device=self.device)
+        tokens = torch.zeros(batch_size, dtype=torch.int64, device=self.device)
+        self.step.warm_up(lambda: self.step(tokens[:, None], self.input_pos))
+
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[1]
+        self._check_room(length)
+        positions = torch.arange(length, device=self.device)
+        logits = self.model(input_ids.to(self.device), positions, new_sequence=True, last_only=True)
+        self.input_pos = positions[-1:] + 1
+        self.pos = length
+        return logits[:, -1].argmax(dim=-1)
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor) -> torch.Tensor:
+        self._check_room(self.pos + 1)
+        next_tokens = self.step(tokens[:, None], self.input_pos)
+        self.input_pos += 1
+        self.pos += 1
+        return next_tokens
+
+    def _check_room(self, length: int) -> None:
+        if length > self.model.max_seq_len:
+            raise PipelineError(f"backend {self.name}: {length} positions exceed the KV cache of "
+                                f"{self.model.max_seq_len} that prepare() sized; call prepare() with the scenario's "
+                                f"prompt + output length")
+
+    def describe(self) -> dict[str, Any]:
+        return {**super().describe(), "model": "pipeline.model.llama (fused wqkv/w13, static KV cache)",
+                "decode_step": self.step.kind, "compile_s": round(sum(self.step.compile_s.values()), 3),
+                "compile_s_by_shape": dict(self.step.compile_s),
+                "inductor_cache": INDUCTOR_CACHE_DIR.as_posix() if self.step.compiled else None}
