@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -63,13 +64,8 @@ def test_no_comment_cites_a_file_outside_the_repository():
 def test_console_script_usage_names_itself():
     out = subprocess.run([sys.executable, "-m", "pipeline", "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.startswith("usage: python -m pipeline ")
-    script = ROOT / ".venv/bin/llama3-pipeline"
-    exe = script if script.is_file() else None
-    if exe is None:
-        import shutil
-
-        exe = shutil.which("llama3-pipeline")
-    assert exe, "the llama3-pipeline console script is not installed (pip install -e .)"
+    exe = Path(sys.executable).parent / "llama3-pipeline"  # installed beside the interpreter by `pip install -e .`
+    assert exe.is_file(), "the llama3-pipeline console script is not installed (pip install -e .)"
     out = subprocess.run([str(exe), "--help"], cwd=ROOT, capture_output=True, text=True)
     assert out.stdout.startswith("usage: llama3-pipeline "), out.stdout[:200]
 
