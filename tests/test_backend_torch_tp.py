@@ -31,16 +31,21 @@ def _torchrun(nproc: int, *args: str, env: dict) -> subprocess.CompletedProcess:
     return proc
 
 
-def test_tp_backend_generates_the_reference_tokens(tiny_model_dir, tp2pp2_checkpoint, tmp_path):
-    out = tmp_path / "tokens.json"
-    _torchrun(4, "tests/tp_backend_script.py", str(tp2pp2_checkpoint), str(out), env=project_env(PYTHONPATH=str(ROOT)))
+def _reference_tokens(tiny_model_dir) -> list[list[int]]:
+    """The torch backend's greedy tokens for the prompt tests/tp_backend_script.py feeds (3 x 9, seed 0, 6 tokens)."""
     reference = make_backend("torch", tiny_model_dir)
     reference.load()
     prompt = torch.randint(2, 512, (3, 9), generator=torch.Generator().manual_seed(0))
     tokens = [reference.prefill(prompt)]
     for _ in range(5):
         tokens.append(reference.decode(tokens[-1]))
-    assert json.loads(out.read_text()) == torch.stack(tokens, dim=1).tolist()
+    return torch.stack(tokens, dim=1).tolist()
+
+
+def test_tp_backend_generates_the_reference_tokens(tiny_model_dir, tp2pp2_checkpoint, tmp_path):
+    out = tmp_path / "tokens.json"
+    _torchrun(4, "tests/tp_backend_script.py", str(tp2pp2_checkpoint), str(out), env=project_env(PYTHONPATH=str(ROOT)))
+    assert json.loads(out.read_text()) == _reference_tokens(tiny_model_dir)
 
 
 COMPILED_SCRIPT = """
@@ -75,13 +80,7 @@ def test_compiled_tp_decode_step_with_functional_collectives(tiny_model_dir, tmp
     script.write_text(COMPILED_SCRIPT)
     _torchrun(2, str(script), str(ckpt), str(out), env=project_env(PYTHONPATH=str(ROOT)))
     data = json.loads(out.read_text())
-    reference = make_backend("torch", tiny_model_dir)
-    reference.load()
-    prompt = torch.randint(2, 512, (3, 9), generator=torch.Generator().manual_seed(0))
-    tokens = [reference.prefill(prompt)]
-    for _ in range(5):
-        tokens.append(reference.decode(tokens[-1]))
-    assert data["tokens"] == torch.stack(tokens, dim=1).tolist()
+    assert data["tokens"] == _reference_tokens(tiny_model_dir)
     assert data["decode_step"] == "inductor" and list(data["compile_s_by_shape"]) == ["bs3_len15"]
     assert data["compile_s"] > 0 and data["compiled_while_decoding"] == 0
 
