@@ -165,6 +165,9 @@ class BenchmarkConfig:
     # Decode step of the backends built on pipeline/model/llama.py (torch-compiled, torch-tp): auto = inductor
     # (CUDA graphs) on CUDA, eager on CPU; inductor = always compile; eager = never.
     compile: str = "auto"
+    # torch-compiled: also compile the prefill forward (inductor, no CUDA graph), once per (batch, prompt length)
+    # before its first timed use; its compile time is reported with the decode step's, never in TTFT.
+    compile_prefill: bool = False
 
     def validate(self) -> None:
         if not self.backends:
@@ -184,6 +187,8 @@ class BenchmarkConfig:
         _check_positive("benchmark.warmup_runs", self.warmup_runs, 0)
         _check_positive("benchmark.measured_runs", self.measured_runs, 1)
         _check_choice("benchmark.compile", self.compile, ("auto", "inductor", "eager"))
+        if not isinstance(self.compile_prefill, bool):
+            _fail("benchmark.compile_prefill", f"must be true or false; got {self.compile_prefill!r}")
 
 
 @dataclass

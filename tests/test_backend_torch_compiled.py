@@ -16,9 +16,9 @@ from pipeline.precision import FLOAT_PRECISIONS, WEIGHT_QUANT_PRECISIONS
 from tests.helpers import make_backend
 
 
-def _backend(model_dir, compile: str = "eager", precision: str = "fp32"):
+def _backend(model_dir, compile: str = "eager", precision: str = "fp32", compile_prefill: bool = False):
     backend = make_backend("torch-compiled", model_dir, precision)
-    backend.inputs = dataclasses.replace(backend.inputs, compile=compile)
+    backend.inputs = dataclasses.replace(backend.inputs, compile=compile, compile_prefill=compile_prefill)
     backend.load()
     return backend
 
@@ -130,6 +130,21 @@ def test_compiled_decode_step_on_cpu_matches_eager_and_reports_compile_time(tiny
     assert facts["decode_step"] == "inductor" and facts["inductor_cache"] == ".cache/inductor"
     assert facts["compile_s"] == pytest.approx(sum(facts["compile_s_by_shape"].values()), abs=2e-3)
     assert set(facts["compile_s_by_shape"]) == {"bs1_len15", "bs3_len15"}
+
+
+def test_compiled_prefill_compiles_outside_the_timed_call_and_matches_eager(tiny_model_dir, eager):
+    from torch._dynamo.utils import counters
+
+    compiled = _backend(tiny_model_dir, compile="inductor", compile_prefill=True)
+    prompt = _prompt(2, 9, seed=5)
+    compiled.prepare(2, 15)
+    assert torch.equal(_generate(compiled, prompt, 6, prepare=False), _generate(eager, prompt, 6))
+    graphs = counters["stats"]["unique_graphs"]
+    generate_timed(compiled, prompt, 6)  # the same shape again: nothing compiles inside the timed call
+    assert counters["stats"]["unique_graphs"] == graphs
+    facts = compiled.describe()
+    assert facts["prefill"] == "inductor" and facts["compile_s_by_shape"]["prefill_bs2_in9"] > 0
+    assert _backend(tiny_model_dir, compile="inductor").describe()["prefill"] == "eager"
 
 
 def test_compile_setting_is_validated(tiny_model_dir, default_raw):

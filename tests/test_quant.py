@@ -87,6 +87,7 @@ def test_quantize_weight_rejects_non_finite():
 
 
 def test_activation_rows_quantized_per_token():
+    torch.manual_seed(0)  # unseeded, the relative error bound depends on the tests that ran before
     x = torch.randn(5, 64) * torch.tensor([1e-3, 1.0, 30.0, 0.0, 5.0])[:, None]
     q, scale = quantize_rows_fp8(x)
     assert q.dtype == torch.float8_e4m3fn and scale.shape == (5, 1) and scale.dtype == torch.float32

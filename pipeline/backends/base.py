@@ -21,6 +21,7 @@ class BackendInputs:
     device: str           # hardware.device
     num_threads: int = 0  # hardware.num_threads (0 = library default)
     compile: str = "auto"  # benchmark.compile: auto | inductor | eager (backends with a compiled decode step)
+    compile_prefill: bool = False  # benchmark.compile_prefill (torch-compiled)
 
 
 class Backend(ABC):

@@ -90,7 +90,7 @@ def plan(cfg: PipelineConfig, vocab_size: int) -> Plan:
         jobs[name] = {
             "inputs": {"backend": name, "artifact": artifact.as_posix(), "precision": cfg.precision.name,
                        "device": cfg.hardware.device, "num_threads": cfg.hardware.num_threads,
-                       "compile": cfg.benchmark.compile},
+                       "compile": cfg.benchmark.compile, "compile_prefill": cfg.benchmark.compile_prefill},
             "benchmark": dataclasses.asdict(cfg.benchmark), "vocab_size": vocab_size,
             "distributed": backend.distributed, "world_size": tp * pp if backend.distributed else 1,
             # The roofline's inputs: model shape, hardware figures (or measure them), how lm_head is stored.

@@ -184,6 +184,7 @@ class Llama(nn.Module):
         for name in ("rope_cos", "rope_sin", "causal"):  # [max_seq, head_dim] x2, [max_seq, max_seq] bool
             self.register_buffer(name, None, persistent=False)
         self.max_seq_len = 0
+        self.cache_version = 0  # bumped by setup_cache(): a new set of cache tensors
         self.cache_batch = 0
 
     @property
@@ -212,6 +213,8 @@ class Llama(nn.Module):
             attn.k_cache = torch.zeros(shape, dtype=dtype, device=device)
             attn.v_cache = torch.zeros(shape, dtype=dtype, device=device)
         self.max_seq_len, self.cache_batch = max_seq_len, batch
+        # New tensors at new addresses: a CUDA graph captured over the old ones must not be replayed.
+        self.cache_version += 1
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, *, new_sequence: bool = False,
                 last_only: bool = False) -> torch.Tensor:

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.model import gemv
 from pipeline.precision import PRECISIONS, WEIGHT_QUANT_PRECISIONS
 
 INT8_MAX = 127        # symmetric: -128 is never used, so -q is always representable
@@ -85,7 +86,7 @@ class _QuantizedLinear(nn.Module):
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_float(cls, linear: nn.Linear, name: str = "linear") -> "_QuantizedLinear":
+    def from_float(cls, linear: nn.Linear, name: str = "linear") -> _QuantizedLinear:
         if linear.bias is not None:
             raise PipelineError(f"{name}: has a bias; the quantized linears carry none (Llama has no biases)")
         if linear.in_features % cls.align or linear.out_features % cls.align:
@@ -115,14 +116,20 @@ class _QuantizedLinear(nn.Module):
                 f"weight={self.fmt}[{self.out_features}, {self.in_features}], scale=float32[{self.out_features}]")
 
 
-def _dequant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+def _dequant_matmul(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     # The per-output-channel scale commutes with the matmul: x @ (q * s).T == (x @ q.T) * s, so the weight is
     # only cast (exact for int8 and e4m3 into bf16/fp16/fp32) and the scale is an epilogue. Under
-    # torch.compile on CUDA, decode's M=1 matmul becomes a multiply + reduction over K (inductor's mm
-    # decomposition with coordinate_descent_tuning) that reads the 8-bit weight once, casting it in
-    # registers, with the scale fused into the same kernel; with max-autotune's Triton templates the cast is
-    # fused as a prologue at larger M. Eager mode materializes the cast weight (correct, not fast).
+    # torch.compile on CUDA inductor fuses the cast and the scale around the matmul; eager mode materializes
+    # the cast weight (correct, not fast).
     return (F.linear(x, weight.to(x.dtype)) * scale).to(x.dtype)
+
+
+def _dequant_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    # One row on CUDA (a batch-1 decode step): the Triton GEMV streams the 8-bit weight once at close to the
+    # copy bandwidth, where inductor's fused cast reaches under half of it (benchmarks/gemv_microbench.py).
+    if x.is_cuda and x.numel() == x.shape[-1]:
+        return gemv.gemv(x.reshape(1, -1), weight, scale).reshape(*x.shape[:-1], weight.shape[0])
+    return _dequant_matmul(x, weight, scale)
 
 
 class Int8WeightOnlyLinear(_QuantizedLinear):
