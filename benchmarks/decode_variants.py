@@ -1,12 +1,19 @@
-"""Diagnostic (not committed): batch-1 decode step variants on the 8B shape, cudagraph skips, kernel profile,
-eager vs compiled prefill."""
+"""Batch-1 decode-step variants of the Llama-3-8B shape on one GPU (random weights made on the GPU; not a test):
+how each linear is computed (cuBLAS / inductor's fused reduction vs the Triton GEMV, float and 8-bit weights),
+the step time with and without a device sync per step, a kernel profile of one step, and eager vs compiled
+prefill of 2,048 tokens against an 8192^3 bf16 matmul.
+
+    python benchmarks/decode_variants.py bf16-cublas,bf16-gemv,int8-wo-gemv,int8-wo-inductor,fp8-wo-gemv
+
+"bf16-cublas" is the model's plain nn.Linear (inductor decides how to compute it). The run recorded in
+BENCHMARKS.md (benchmarks/h200-llama3-8b-torch-compiled/decode_variants.log) used DecodeStep as it was then,
+torch.compile(mode="reduce-overhead"); DecodeStep now captures its own CUDA graph, the change that log's
+"no per-step sync" column motivated."""
 import copy, statistics, sys, time
 from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT)); sys.path.insert(0, str(ROOT / "benchmarks"))
 import torch
-import torch.nn.functional as F
-from torch import nn
 from compiled_smoke import build, model_args
 from pipeline.model import gemv, quant
 from pipeline.model.fused import DecodeStep
@@ -18,27 +25,12 @@ print("built", flush=True)
 ORIG = quant._dequant_linear
 
 
-class GemvLinear(nn.Module):
-    def __init__(self, lin):
-        super().__init__()
-        self.weight = lin.weight
-        self.register_buffer("scale", torch.ones(lin.out_features, device=lin.weight.device))
-    def forward(self, x):
-        if x.numel() == x.shape[-1]:
-            return gemv.gemv(x.reshape(1, -1), self.weight, self.scale).reshape(*x.shape[:-1], self.weight.shape[0])
-        return F.linear(x, self.weight)
-
-
 def variant(name):
     quant._dequant_linear = ORIG
     if name == "bf16-cublas":
         return base
     if name == "bf16-gemv":
-        m = copy.deepcopy(base)
-        for n, mod in list(m.named_modules()):
-            if isinstance(mod, nn.Linear):
-                p, _, c = n.rpartition("."); setattr(m.get_submodule(p), c, GemvLinear(mod))
-        return m
+        return gemv.route_float_linears_(copy.deepcopy(base))
     prec, path = name.rsplit("-", 1)
     m = quant.quantize_(copy.deepcopy(base), prec)
     if path == "inductor":
