@@ -1,10 +1,13 @@
 """Backend `torch-compiled`: the project's own Llama module (pipeline/model/llama.py) on the Hugging Face weights
 (artifacts/weights), gpt-fast style: q/k/v and gate/up fused at load (4 matmuls per layer), a static KV cache
-sized per scenario in prepare(), eager prefill, and the decode step compiled (benchmark.compile; on CUDA with
-CUDA graphs, pipeline/model/fused.py).
+sized per scenario in prepare(), the decode step compiled (benchmark.compile; on CUDA captured into a CUDA
+graph, pipeline/model/fused.py), prefill eager or compiled (benchmark.compile_prefill). On CUDA every batch-1
+matmul runs the Triton GEMV of pipeline/model/gemv.py (float weights through GemvLinear, 8-bit weights
+through the quantized linears).
 
 Compile time is never inside a latency: prepare() compiles and records the step for the scenario's shape
-before the runner's warm-up and timed runs, and describe() reports it (conditions: compile_s, per shape)."""
+before the runner's warm-up and timed runs, a compiled prefill compiles each new shape on a call of its own,
+and describe() reports both (conditions: compile_s, per shape)."""
 
 from __future__ import annotations
 
