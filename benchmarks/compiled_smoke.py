@@ -81,8 +81,8 @@ def main() -> None:
         model.setup_cache(batch, opts.prompt + opts.steps + 1)
         with torch.inference_mode():
             pos = torch.zeros(1, dtype=torch.int64, device=device)
-            dummy = torch.zeros(batch, 1, dtype=torch.int64, device=device)
-            compile_s = step.warm_up(lambda: step(dummy, pos))
+            warm_tokens = torch.zeros(batch, 1, dtype=torch.int64, device=device)
+            compile_s = step.warm_up(lambda: step(warm_tokens, pos))
             prompt = torch.randint(0, args.vocab_size, (batch, opts.prompt), device=device)
             for _ in range(2):  # the second prefill is the one timed (first-call allocations)
                 sync(device)

@@ -150,12 +150,21 @@ def test_a_missing_input_is_named_in_one_line_and_nothing_is_written(tmp_path, m
     assert (out / "reports/report.md").read_text() == "previous report\n"
 
 
-def test_an_incomplete_input_is_named_in_one_line(tmp_path, metrics_dir, tiny_model_dir):
+def _copy_without(tmp_path, metrics_dir, name: str, *keys: str):
+    """A copy of the metrics folder whose JSON file `name` lacks the entry at the path `keys`."""
     d = tmp_path / "metrics"
     shutil.copytree(metrics_dir, d)
-    bench = json.loads((d / "b.json").read_text())
-    del bench["torch"]["bs2_in8_out3"]["tpot_ms_p50"]
-    atomic_write_json(d / "b.json", bench)
+    data = json.loads((d / name).read_text())
+    parent = data
+    for key in keys[:-1]:
+        parent = parent[key]
+    del parent[keys[-1]]
+    atomic_write_json(d / name, data)
+    return d
+
+
+def test_an_incomplete_input_is_named_in_one_line(tmp_path, metrics_dir, tiny_model_dir):
+    d = _copy_without(tmp_path, metrics_dir, "b.json", "torch", "bs2_in8_out3", "tpot_ms_p50")
     with pytest.raises(PipelineError, match=r"^\S+b\.json: torch\.bs2_in8_out3 lacks tpot_ms_p50; rerun"):
         report.build(_inputs(d, tiny_model_dir), tmp_path / "reports")
     (d / "e.json").write_text("{not json")
@@ -198,10 +207,6 @@ def test_roofline_panels_pair_each_tpot_with_its_bound(metrics_dir):
 
 
 def test_conditions_without_roofline_figures_are_named(tmp_path, metrics_dir, tiny_model_dir):
-    d = tmp_path / "metrics"
-    shutil.copytree(metrics_dir, d)
-    conditions = json.loads((d / "c.json").read_text())
-    del conditions["torch"]["roofline"]["peak_dtype"]
-    atomic_write_json(d / "c.json", conditions)
+    d = _copy_without(tmp_path, metrics_dir, "c.json", "torch", "roofline", "peak_dtype")
     with pytest.raises(PipelineError, match=r"^\S+c\.json: torch\.roofline lacks peak_dtype; rerun"):
         report.build(_inputs(d, tiny_model_dir), tmp_path / "reports")
