@@ -38,6 +38,11 @@ def _check_positive(key: str, value: int | float, minimum: int | float = 1) -> N
         _fail(key, f"must be >= {minimum}, got {value}")
 
 
+def _check_finite_positive(key: str, value: int | float) -> None:
+    if not 1 <= value < float("inf"):
+        _fail(key, f"must be >= 1, got {value}")
+
+
 def _check_choice(key: str, value: Any, allowed) -> None:
     if value not in allowed:
         _fail(key, f"must be one of {', '.join(map(str, allowed))}; got {value!r}")
@@ -189,6 +194,77 @@ class BenchmarkConfig:
         _check_choice("benchmark.compile", self.compile, ("auto", "inductor", "eager"))
         if not isinstance(self.compile_prefill, bool):
             _fail("benchmark.compile_prefill", f"must be true or false; got {self.compile_prefill!r}")
+
+
+SERVING_DATASETS = ("random", "sharegpt")
+SLO_METRICS = ("ttft_ms", "tpot_ms", "e2el_ms")  # per-request values a serving SLO can bound (vLLM --goodput)
+
+
+@dataclass
+class ServingConfig:
+    """Stage `serve`: requests arriving under load (pipeline/benchmark/serving.py, workload.py)."""
+
+    backends: list[str] = field(default_factory=lambda: ["torch", "torch-compiled"])
+    dataset: str = "random"            # random ids | sharegpt (a local ShareGPT-format JSON file)
+    dataset_path: Optional[str] = None
+    input_len: int = 128               # random: prompt tokens (mean when range_ratio > 0)
+    output_len: int = 128              # random: output tokens, generated exactly (EOS ignored)
+    range_ratio: float = 0.0           # random: lengths uniform in [len * (1 - r), len * (1 + r)]
+    sharegpt_output_len: Optional[int] = None  # sharegpt: null = the reply's token count
+    num_requests: int = 64             # per load point
+    warmup_requests: int = 4           # sent all at once before the first point, not recorded
+    request_rates: list[float] = field(default_factory=lambda: [float("inf")])  # req/s, open loop; inf = all at once
+    concurrencies: list[int] = field(default_factory=list)  # closed loop: clients each with one request in flight
+    burstiness: float = 1.0            # gamma shape of the arrival gaps; 1 = Poisson
+    max_num_seqs: int = 256            # KV-cache slots (sequences in flight)
+    max_num_batched_tokens: int = 8192  # prompt tokens one prefill iteration may take
+    slot_buckets: list[int] = field(default_factory=list)  # decode batch sizes compiled; [] = powers of two
+    percentiles: list[float] = field(default_factory=lambda: [50.0, 90.0, 95.0, 99.0])
+    slo: dict[str, float] = field(default_factory=lambda: {"ttft_ms": 200.0, "tpot_ms": 50.0})
+    seed: int = 0
+
+    def validate(self) -> None:
+        for i, name in enumerate(self.backends):
+            _check_choice(f"serving.backends[{i}]", name, tuple(BACKENDS))
+        if len(set(self.backends)) != len(self.backends):
+            _fail("serving.backends", f"lists a backend twice: {list(self.backends)}")
+        _check_choice("serving.dataset", self.dataset, SERVING_DATASETS)
+        if self.dataset == "sharegpt" and not self.dataset_path:
+            _fail("serving.dataset_path", "is required when serving.dataset=sharegpt (a ShareGPT-format JSON file)")
+        for key in ("input_len", "output_len", "num_requests", "max_num_seqs", "max_num_batched_tokens"):
+            _check_finite_positive(f"serving.{key}", getattr(self, key))
+        _check_positive("serving.warmup_requests", self.warmup_requests, 0)
+        if self.sharegpt_output_len is not None:
+            _check_finite_positive("serving.sharegpt_output_len", self.sharegpt_output_len)
+        if not 0 <= self.range_ratio < 1:
+            _fail("serving.range_ratio", f"must be in [0, 1), got {self.range_ratio}")
+        if not self.request_rates and not self.concurrencies:
+            _fail("serving.request_rates", "and serving.concurrencies are both empty; give at least one load point")
+        for i, rate in enumerate(self.request_rates):
+            if not rate > 0:  # NaN fails this too
+                _fail(f"serving.request_rates[{i}]", f"must be > 0 requests/s (inf = all at once), got {rate}")
+        for i, c in enumerate(self.concurrencies):
+            _check_positive(f"serving.concurrencies[{i}]", c)
+        if not (0 < self.burstiness < float("inf")):
+            _fail("serving.burstiness", f"must be > 0 and finite (1 = Poisson), got {self.burstiness}")
+        for i, b in enumerate(self.slot_buckets):
+            if not 1 <= b <= self.max_num_seqs:
+                _fail(f"serving.slot_buckets[{i}]", f"must be in [1, serving.max_num_seqs={self.max_num_seqs}], got {b}")
+        for i, p in enumerate(self.percentiles):
+            if not 0 < p <= 100:
+                _fail(f"serving.percentiles[{i}]", f"must be in (0, 100], got {p}")
+        for name, bound in self.slo.items():
+            if name not in SLO_METRICS:
+                close = difflib.get_close_matches(name, SLO_METRICS, n=1)
+                hint = f"; did you mean {close[0]}?" if close else ""
+                _fail(f"serving.slo.{name}", f"is not a metric an SLO can bound ({', '.join(SLO_METRICS)}){hint}")
+            if not 0 < bound < float("inf"):
+                _fail(f"serving.slo.{name}", f"must be > 0 ms and finite, got {bound}")
+
+    @property
+    def longest_request(self) -> int:
+        """Prompt + output positions of the longest random request (sharegpt: checked per request)."""
+        return round(self.input_len * (1 + self.range_ratio)) + round(self.output_len * (1 + self.range_ratio))
 
 
 @dataclass
@@ -361,6 +437,9 @@ class HardwareConfig:
     measure: bool = True
     memory_bandwidth_gbs: Optional[float] = None  # GB/s (1e9 B/s)
     peak_tflops: dict[str, float] = field(default_factory=dict)  # dense TFLOP/s (TOP/s for int8) per dtype
+    # What the machine costs per hour (any currency): `python -m pipeline advise` turns goodput into cost per
+    # million output tokens with it; null = no cost column.
+    price_per_hour: Optional[float] = None
     PEAK_DTYPES = ("fp32", "fp16", "bf16", "fp8", "int8")  # roofline.peak_dtype() names
 
     def validate(self) -> None:
@@ -373,6 +452,8 @@ class HardwareConfig:
                 _fail(f"hardware.peak_tflops.{dtype}", f"is not a known dtype ({', '.join(self.PEAK_DTYPES)})")
             if not tflops > 0:
                 _fail(f"hardware.peak_tflops.{dtype}", f"must be > 0, got {tflops}")
+        if self.price_per_hour is not None and not 0 < self.price_per_hour < float("inf"):
+            _fail("hardware.price_per_hour", f"must be > 0 or null, got {self.price_per_hour}")
         if not self.measure and (self.memory_bandwidth_gbs is None or not self.peak_tflops):
             _fail("hardware.measure", "is false but hardware.memory_bandwidth_gbs or hardware.peak_tflops is not "
                   "set; give the published figures or set hardware.measure=true")
@@ -398,6 +479,7 @@ class PipelineConfig:
     precision: PrecisionConfig = field(default_factory=PrecisionConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     benchmark: BenchmarkConfig = field(default_factory=BenchmarkConfig)
+    serving: ServingConfig = field(default_factory=ServingConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -407,7 +489,7 @@ class PipelineConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
-        for section in (self.model, self.precision, self.parallel, self.benchmark, self.export, self.calibration,
+        for section in (self.model, self.precision, self.parallel, self.benchmark, self.serving, self.export, self.calibration,
                         self.evaluate, self.convert, self.verify, self.hardware, self.tracking):
             section.validate()
         if self.model.rope_scaling is not None:
@@ -432,6 +514,21 @@ class PipelineConfig:
                 _fail("benchmark.prompt_lengths",
                       f"plus benchmark.output_length ({longest} tokens) exceed model.max_position_embeddings="
                       f"{self.model.max_position_embeddings}")
+        if self.model.max_position_embeddings and self.serving.dataset == "random" \
+                and self.serving.longest_request > self.model.max_position_embeddings:
+            _fail("serving.input_len", f"plus serving.output_len (up to {self.serving.longest_request} tokens with "
+                  f"serving.range_ratio) exceed model.max_position_embeddings={self.model.max_position_embeddings}")
+        self._check_serving_backends()
+
+    def _check_serving_backends(self) -> None:
+        precision, device = self.precision.name, self.hardware.device
+        for i, name in enumerate(self.serving.backends):
+            why = BACKENDS[name].cannot_serve()
+            if why:
+                _fail(f"serving.backends[{i}]", why)
+        if self.serving.backends and all(BACKENDS[n].cannot_run(precision, device) for n in self.serving.backends):
+            _fail("serving.backends", f"={list(self.serving.backends)}: none can run precision.name={precision} on "
+                  f"hardware.device={device}")
 
     def _check_backends(self) -> None:
         """What the backend registry declares: a precision x device that none of benchmark.backends can run is

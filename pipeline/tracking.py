@@ -62,7 +62,7 @@ HEADLINE_PARAMS = ("model.name", "precision.name", "parallel.tp", "parallel.pp",
 # The numbers compared across runs: what metrics/headline.json holds (latency and throughput per
 # backend and scenario, accuracy cost), plus model load time and the worst logit difference of the
 # parallel checkpoints.
-HEADLINE_METRICS = (*headline.HEADLINE_METRICS, "load_s", "logits_max_abs_diff")
+HEADLINE_METRICS = (*headline.HEADLINE_METRICS, "load_s", "logits_max_abs_diff", *headline.SERVING_METRICS)
 MAX_RUN_METRICS = 12  # more numbers than this from one stage is per-item detail: keep HEADLINE_METRICS
 SYSTEM_METRICS_STAGES = ("benchmark",)
 SYSTEM_METRICS_INTERVAL_S = 3.0  # MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.backends.requests import EngineLimits, RequestEngine, StaticBatchEngine
+
 
 @dataclass(frozen=True)
 class BackendInputs:
@@ -54,6 +56,11 @@ class Backend(ABC):
     @abstractmethod
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Feed the last tokens [batch]; return the next greedy tokens [batch]."""
+
+    def request_engine(self, limits: EngineLimits) -> RequestEngine:
+        """The serving benchmark's engine over this loaded backend: static batches of prefill + decode unless
+        the backend has a scheduler of its own (torch-compiled: continuous batching)."""
+        return StaticBatchEngine(self, limits)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

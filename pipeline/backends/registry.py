@@ -24,9 +24,17 @@ class BackendSpec:
     distributed: bool                # launched under torchrun with parallel.tp x parallel.pp ranks
     artifact: Union[str, dict]       # a pipeline.paths.ARTIFACTS kind, or {precision: kind}
     summary: str
+    # Serving benchmark (stage serve): "continuous" = its own in-flight batching engine, "static" = the
+    # prefill/decode adapter (pipeline/backends/requests.py), "" = not a serving backend (see serving_absent).
+    serving: str = "static"
+    serving_absent: str = ""
 
     def artifact_for(self, precision: str) -> str:
         return self.artifact[precision] if isinstance(self.artifact, dict) else self.artifact
+
+    def cannot_serve(self) -> Optional[str]:
+        """Why the serving benchmark cannot drive this backend, or None."""
+        return None if self.serving else f"backend {self.name} has no request-level engine: {self.serving_absent}"
 
     def cannot_run(self, precision: str, device: str) -> Optional[str]:
         """Why this backend cannot run (precision, device), or None."""
@@ -44,13 +52,15 @@ BACKENDS: dict[str, BackendSpec] = {s.name: s for s in (
     BackendSpec("torch-compiled", "pipeline.backends.torch_compiled:TorchCompiledBackend",
                 FLOAT_PRECISIONS + WEIGHT_QUANT_PRECISIONS, ("cpu", "cuda"), distributed=False, artifact="hf_weights",
                 summary="the project's Llama module: fused wqkv/w13, static KV cache, decode step compiled "
-                        "(benchmark.compile; CUDA graphs on CUDA)"),
+                        "(benchmark.compile; CUDA graphs on CUDA)", serving="continuous"),
     BackendSpec("onnxruntime", "pipeline.backends.onnxruntime:OnnxRuntimeBackend", ("fp32", "int8"),
                 ("cpu", "cuda"), distributed=False, artifact={"fp32": "onnx", "int8": "onnx_int8"},
                 summary="the exported ONNX decoder (fp32) or its INT8 QDQ graph, KV cache bound in onnxruntime"),
     BackendSpec("torch-tp", "pipeline.backends.torch_tp:TorchTPBackend", FLOAT_PRECISIONS, ("cpu", "cuda"),
                 distributed=True, artifact="trtllm_checkpoint",
-                summary="the project's TP x PP runner on the TensorRT-LLM checkpoint, under torchrun"),
+                summary="the project's TP x PP runner on the TensorRT-LLM checkpoint, under torchrun", serving="",
+                serving_absent="its ranks run one SPMD loop under torchrun, and a scheduler reacting to arrival "
+                               "times would diverge across ranks; serve it with tp=pp=1 as torch-compiled"),
 )}
 
 

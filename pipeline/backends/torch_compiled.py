@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from pipeline.backends.base import Backend
+from pipeline.backends.requests import EngineLimits, RequestEngine
 from pipeline.errors import PipelineError
 from pipeline.model import gemv
 from pipeline.precision import WEIGHT_QUANT_PRECISIONS
@@ -91,6 +92,15 @@ class TorchCompiledBackend(Backend):
         self.input_pos += 1
         self.pos += 1
         return next_tokens
+
+    def request_engine(self, limits: EngineLimits) -> RequestEngine:
+        """Continuous batching (pipeline/backends/continuous.py) on this model, with a decode step of its own
+        compiled for many batch sizes at once (fused.DecodeStep dynamic_batch)."""
+        from pipeline.backends.continuous import ContinuousBatchEngine
+        from pipeline.model.fused import DecodeStep
+
+        self.step = DecodeStep(self.model, self.step.compiled, INDUCTOR_CACHE_DIR, dynamic_batch=True)
+        return ContinuousBatchEngine(self.model, self.step, limits)
 
     def _check_room(self, length: int) -> None:
         if length > self.model.max_seq_len:

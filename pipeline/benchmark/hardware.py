@@ -11,6 +11,9 @@ On a CPU both together take about 1.3 s (2 cores); on a GPU about two seconds.""
 
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -144,3 +147,29 @@ def figures(hw: dict[str, Any], device: torch.device, dtype: str) -> dict[str, A
     if datasheet:  # kept next to the measured figures for comparison
         out["published"] = datasheet
     return out
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What a result ran on: device name, driver and CUDA versions (GPU), CPU model, library versions."""
+    from pipeline.versions import library_versions
+
+    env: dict[str, Any] = {"device_type": device.type, "libraries": library_versions()}
+    try:
+        import triton
+
+        env["libraries"]["triton"] = triton.__version__
+    except ImportError:
+        pass
+    if device.type == "cuda":
+        env["device_name"] = torch.cuda.get_device_name(device)
+        env["cuda"] = torch.version.cuda
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=10)
+            env["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 and out.stdout.strip() else None
+        except (OSError, subprocess.TimeoutExpired):
+            env["driver"] = None
+    else:
+        env["device_name"] = platform.processor() or platform.machine()
+        env["cpu_count"] = os.cpu_count()
+    return env

@@ -67,14 +67,16 @@ def lm_head_quantized(precision: str, artifact: Path) -> bool:
     return "MatMul" in settings["op_types"] and "lm_head" not in settings["nodes_to_exclude"]
 
 
-def plan(cfg: PipelineConfig, vocab_size: int) -> Plan:
+def plan(cfg: PipelineConfig, vocab_size: int, names: list[str] | None = None) -> Plan:
+    """Jobs for `names` (default benchmark.backends): what each worker needs, the skipped ones and why."""
+    names = list(cfg.benchmark.backends if names is None else names)
     jobs, skipped = {}, {}
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     hw = dataclasses.asdict(cfg.hardware)
     if not cfg.hardware.measure:  # fail before any worker starts, not after it loaded the model
         hardware.published(hw, roofline.peak_dtype(cfg.precision.name))
     shape = model_shape(paths.WEIGHTS_DIR)
-    for name in cfg.benchmark.backends:
+    for name in names:
         backend = spec(name)
         why = backend.cannot_run(cfg.precision.name, cfg.hardware.device)
         if why:
@@ -106,10 +108,22 @@ def plan(cfg: PipelineConfig, vocab_size: int) -> Plan:
     else:
         parallel["benchmarked_by"] = distributed
     if not jobs:
-        raise PipelineError(f"none of benchmark.backends={list(cfg.benchmark.backends)} can run precision.name="
+        raise PipelineError(f"none of {names} can run precision.name="
                             f"{cfg.precision.name} on hardware.device={cfg.hardware.device} "
                             f"({'; '.join(skipped.values())})")
     return Plan(jobs, skipped, parallel)
+
+
+def serve_plan(cfg: PipelineConfig, vocab_size: int, requests: list, warmup: list) -> Plan:
+    """Jobs of the serve stage: benchmark jobs for serving.backends plus the serving settings and the requests
+    (the same list for every backend: [id, prompt ids, output tokens])."""
+    todo = plan(cfg, vocab_size, cfg.serving.backends)
+    settings = dataclasses.asdict(cfg.serving)
+    rows = [[r.id, list(r.prompt), r.max_new_tokens] for r in requests]
+    warm = [[r.id, list(r.prompt), r.max_new_tokens] for r in warmup]
+    for job in todo.jobs.values():
+        job.update(mode="serve", serving=settings, requests=rows, warmup=warm)
+    return todo
 
 
 def worker_command(job: dict[str, Any], job_path: Path, result_path: Path) -> list[str]:
@@ -133,4 +147,10 @@ def run_job(name: str, job: dict[str, Any]) -> dict[str, Any]:
 def run_all(cfg: PipelineConfig, vocab_size: int) -> tuple[dict[str, dict[str, Any]], Plan]:
     """Run every backend the plan admits; returns ({backend: result}, plan)."""
     todo = plan(cfg, vocab_size)
+    return {name: run_job(name, job) for name, job in todo.jobs.items()}, todo
+
+
+def run_serving(cfg: PipelineConfig, vocab_size: int, requests: list, warmup: list) -> tuple[dict[str, Any], Plan]:
+    """The serve stage's backends, one process each; returns ({backend: result}, plan)."""
+    todo = serve_plan(cfg, vocab_size, requests, warmup)
     return {name: run_job(name, job) for name, job in todo.jobs.items()}, todo

@@ -4,6 +4,7 @@ figures each backend's roofline used, measured or published)."""
 from __future__ import annotations
 
 import csv
+import json
 import io
 from pathlib import Path
 from typing import Any
@@ -49,3 +50,25 @@ def read_runs(runs_path: Path) -> list[dict[str, Any]]:
         for key in RUN_COLUMNS[2:]:
             row[key] = float(row[key])
     return rows
+
+
+def write_serving(results: dict[str, dict[str, Any]], precision: str, settings: dict[str, Any], metrics_path: Path,
+                  conditions_path: Path, records_path: Path, skipped: dict[str, str] | None = None) -> dict[str, Any]:
+    """The serve stage's outputs. metrics: {"settings": what every point shares, "points": one self-describing row
+    per backend x load point (backend, precision, tp, pp, point, load, rate or concurrency, every metric)};
+    conditions: {backend: facts (engine, compile time, hardware figures, environment) or {"skipped": why}};
+    records: JSON Lines, one per request (backend, point, id, lengths, send time, every token's time, seconds
+    from the point's start), from which every metric can be recomputed."""
+    points, lines = [], []
+    for name, r in results.items():
+        tp, pp = r["conditions"].get("tp", 1), r["conditions"].get("pp", 1)
+        for key, m in r["points"].items():
+            points.append({"backend": name, "precision": precision, "tp": tp, "pp": pp, "point": key, **m})
+            lines += [json.dumps({"backend": name, "point": key, **rec}) for rec in r["records"][key]]
+    atomic_write_text(records_path, "".join(line + "\n" for line in lines))
+    conditions = {name: r["conditions"] for name, r in results.items()}
+    conditions.update({name: {"skipped": why} for name, why in (skipped or {}).items()})
+    atomic_write_json(conditions_path, conditions)
+    summary = {"settings": settings, "points": points}
+    atomic_write_json(metrics_path, summary)
+    return summary

@@ -164,3 +164,14 @@ def scenario(a: LlamaArgs, precision: str, batch: int, prompt_length: int, outpu
         + kv_bytes(a, precision, batch, prompt_length, output_length),
         decode_flops_per_step=decode_flops(a, batch, prompt_length, output_length),
         prefill_flops=prefill_flops(a, batch, prompt_length), hardware=hw)
+
+
+def serving_bound(a: LlamaArgs, precision: str, max_num_seqs: int, prompt_length: int, output_length: int,
+                  hw: Hardware, lm_head_quantized: bool = True) -> float:
+    """Output tokens/s a server with max_num_seqs slots could reach at most on requests of these lengths: each
+    wave of max_num_seqs requests prefilled at peak FLOP/s, then decoded at the decode roofline of that batch
+    (weights once per step plus every sequence's KV cache). The bound for maximum load."""
+    cost = scenario(a, precision, max_num_seqs, prompt_length, output_length, hw, lm_head_quantized)
+    prefill_s = cost.prefill_flops / (hw.peak_tflops * 1e12 * hw.devices)
+    decode_s = (output_length - 1) * cost.decode_bound_ms / 1e3
+    return max_num_seqs * output_length / (prefill_s + decode_s)

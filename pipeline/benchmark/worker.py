@@ -1,4 +1,5 @@
-"""Child process of the benchmark stage: load one backend, run every scenario, write JSON.
+"""Child process of the benchmark and serve stages: load one backend, run every scenario (or, for a job of
+mode "serve", every serving load point), write JSON.
 
 Everything it needs comes in one job file written by the launcher (backend name, the explicit artifact path,
 precision, device, benchmark settings, and for the roofline the model shape, the hardware figures or whether to
@@ -16,6 +17,7 @@ from pipeline.artifacts import atomic_write_json
 from pipeline.backends.base import BackendInputs
 from pipeline.backends.registry import load_backend_class
 from pipeline.benchmark.runner import RooflineInputs, benchmark_backend
+from pipeline.benchmark.serving import serve_backend
 from pipeline.config import BenchmarkConfig
 from pipeline.errors import PipelineError
 from pipeline.model.args import LlamaArgs
@@ -31,9 +33,12 @@ def main(argv: list[str]) -> int:
             torch.set_num_threads(inputs.num_threads)
         backend = load_backend_class(inputs.backend)(inputs)
         try:
-            roof = RooflineInputs(LlamaArgs(**job["model"]), job["hardware"], job["lm_head_quantized"])
-            result = benchmark_backend(backend, BenchmarkConfig(**job["benchmark"]), vocab_size=job["vocab_size"],
-                                       roof=roof)
+            if job.get("mode") == "serve":
+                result = serve_backend(backend, job)
+            else:
+                roof = RooflineInputs(LlamaArgs(**job["model"]), job["hardware"], job["lm_head_quantized"])
+                result = benchmark_backend(backend, BenchmarkConfig(**job["benchmark"]),
+                                           vocab_size=job["vocab_size"], roof=roof)
         finally:
             backend.close()
     except PipelineError as e:

@@ -62,18 +62,28 @@ class _Graph:
 
 
 class DecodeStep:
-    """step(x [b, 1], input_pos [1]) -> next greedy tokens [b] on the last stage, else hidden states [b, 1, H]
-    for the next pipeline stage. Updates the model's KV cache at input_pos."""
+    """step(x [b, 1], input_pos [1] or [b, 1]) -> next greedy tokens [b] on the last stage, else hidden states
+    [b, 1, H] for the next pipeline stage. Updates the model's KV cache at input_pos (per row when [b, 1])."""
 
-    def __init__(self, model: Llama, compiled: bool, cache_dir: Path):
+    def __init__(self, model: Llama, compiled: bool, cache_dir: Path, dynamic_batch: bool = False):
         self.model, self.compiled = model, compiled
         self.device = next(model.parameters()).device
         self.compile_s: dict[str, float] = {}  # "bs{batch}_len{max_seq_len}" -> seconds of its warm-up
         self.graphs: dict[tuple, _Graph] = {}
         self.fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = self._step
+        # dynamic_batch: one graph for every batch of 2 or more rows (continuous batching runs many batch-size
+        # buckets; each still gets a CUDA graph of its own, and a 1-row batch its own static graph, where the
+        # GEMV runs). Compiling each bucket statically costs 30-55 s per bucket on the 8B shape.
+        self.dynamic_batch = dynamic_batch
         if compiled:
             _configure_inductor(cache_dir)
-            self.fn = torch.compile(self._step, fullgraph=True, dynamic=False)
+            self.fn = torch.compile(self._step, fullgraph=True, dynamic=None if dynamic_batch else False)
+
+    def _mark(self, x: torch.Tensor, input_pos: torch.Tensor) -> None:
+        if self.compiled and self.dynamic_batch and x.shape[0] >= 2:
+            torch._dynamo.mark_dynamic(x, 0)
+            if input_pos.dim() == 2:
+                torch._dynamo.mark_dynamic(input_pos, 0)
 
     @property
     def kind(self) -> str:
@@ -87,6 +97,7 @@ class DecodeStep:
 
     def __call__(self, x: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         if not (self.compiled and self.device.type == "cuda"):
+            self._mark(x, input_pos)
             return self.fn(x, input_pos)
         # The graph reads the cache tensors setup_cache() made: a new cache (version) needs a new capture.
         key = (tuple(x.shape), x.dtype, tuple(input_pos.shape), self.model.cache_version)
@@ -104,6 +115,7 @@ class DecodeStep:
         version = self.model.cache_version
         self.graphs = {k: v for k, v in self.graphs.items() if k[-1] == version}
         static_x, static_pos = x.clone(), input_pos.clone()
+        self._mark(static_x, static_pos)
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):

@@ -109,7 +109,7 @@ class Attention(nn.Module):
         self.register_buffer("v_cache", None, persistent=False)
         _fuse_hf_weights(self, "wqkv", ("q_proj", "k_proj", "v_proj"))
 
-    def forward(self, x, cos, sin, input_pos, mask, new_sequence: bool):
+    def forward(self, x, cos, sin, input_pos, mask, new_sequence: bool, slots: Optional[torch.Tensor] = None):
         b, s, _ = x.shape
         q, k, v = self.wqkv(x).split(self.fused_sizes["wqkv"], dim=-1)
         q = q.view(b, s, self.n_q, self.head_dim).transpose(1, 2)
@@ -117,8 +117,22 @@ class Attention(nn.Module):
         v = v.view(b, s, self.n_kv, self.head_dim).transpose(1, 2)
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v)
+        k_cache, v_cache = self.k_cache, self.v_cache
+        if slots is not None:
+            # Rows `slots` of the cache, positions input_pos ([s], shared by the rows): new requests
+            # joining a running batch (continuous batching) without touching the other rows.
+            rows, cols = slots[:, None], input_pos[None, :]
+            k_cache[rows, :, cols] = k.transpose(1, 2)
+            v_cache[rows, :, cols] = v.transpose(1, 2)
+        elif input_pos.dim() == 2:
+            # One position per row ([b, 1]): row r is cache row r, each at its own length.
+            k_cache, v_cache = k_cache[:b], v_cache[:b]
+            rows = torch.arange(b, device=x.device)
+            k_cache[rows, :, input_pos[:, 0]] = k[:, :, 0]
+            v_cache[rows, :, input_pos[:, 0]] = v[:, :, 0]
+        else:
+            k_cache.index_copy_(2, input_pos, k)
+            v_cache.index_copy_(2, input_pos, v)
         if new_sequence:
             # Positions 0..s-1 of new requests: this call's keys are the whole history, so a plain causal
             # kernel (flash attention on CUDA) runs on them, whatever earlier requests left in the cache.
@@ -126,7 +140,7 @@ class Attention(nn.Module):
         else:
             # Attend to every cache slot; the mask hides the ones past each query's position (stale or zero).
             # q head j uses kv head j // (n_q / n_kv), as HF's repeat_kv.
-            y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
+            y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask, enable_gqa=True)
         return self.o_proj(y.transpose(1, 2).reshape(b, s, self.n_q * self.head_dim))
 
 
@@ -154,8 +168,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args, tp)
 
-    def forward(self, x, cos, sin, input_pos, mask, new_sequence: bool):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, new_sequence)
+    def forward(self, x, cos, sin, input_pos, mask, new_sequence: bool, slots: Optional[torch.Tensor] = None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, input_pos, mask, new_sequence, slots)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -217,25 +231,40 @@ class Llama(nn.Module):
         self.cache_version += 1
 
     def forward(self, x: torch.Tensor, input_pos: torch.Tensor, *, new_sequence: bool = False,
-                last_only: bool = False) -> torch.Tensor:
+                last_only: bool = False, slots: Optional[torch.Tensor] = None,
+                last_index: Optional[torch.Tensor] = None) -> torch.Tensor:
         """x: token ids [b, s] on the first stage, else hidden states [b, s, hidden] from the previous stage;
-        input_pos: the s positions (int64 tensor). new_sequence: input_pos is 0..s-1 (a prefill), so attention
-        needs only this call's keys. last_only: logits of the last position only ([b, 1, V]; a prefill's
-        next token needs no more). Returns hidden states, or this rank's logits slice on the last stage."""
+        input_pos: the s positions (int64 tensor [s]), or one position per row ([b, 1], a decode step of
+        sequences at different lengths in cache rows 0..b-1: continuous batching). new_sequence: input_pos is
+        0..s-1 (a prefill), so attention needs only this call's keys. slots: with new_sequence, the cache rows
+        [b] this prefill writes (default: rows 0..b-1 = the whole cache batch). last_only: logits of the last
+        position only ([b, 1, V]); last_index: of position last_index[r] for row r instead ([b, 1, V]; right-
+        padded prompts of different lengths). Returns hidden states, or this rank's logits slice on the last
+        stage."""
         if self.max_seq_len == 0:
             raise PipelineError("Llama.setup_cache() must be called before forward()")
-        if x.shape[0] != self.cache_batch:
+        per_row = input_pos.dim() == 2
+        if slots is not None and not new_sequence:
+            raise PipelineError("Llama.forward: slots= is for a prefill (new_sequence=True)")
+        if (per_row or slots is not None) and x.shape[0] > self.cache_batch:
+            raise PipelineError(f"{x.shape[0]} rows but the KV cache holds {self.cache_batch}")
+        if not (per_row or slots is not None) and x.shape[0] != self.cache_batch:
             raise PipelineError(f"batch of {x.shape[0]} sequences but the KV cache holds {self.cache_batch}; "
                                 f"call setup_cache() with this batch size")
         if self.first:
             x = self.model.embed_tokens(x)
         cos, sin = self.rope_cos[input_pos], self.rope_sin[input_pos]
-        mask = self.causal[input_pos][None, None]
+        if per_row:  # [b, 1, d] -> [b, 1 (heads), 1, d]; the mask row of each row's own position
+            cos, sin, mask = cos[:, None], sin[:, None], self.causal[input_pos][:, None]
+        else:
+            mask = self.causal[input_pos][None, None]
         for block in self.model.layers.values():
-            x = block(x, cos, sin, input_pos, mask, new_sequence)
+            x = block(x, cos, sin, input_pos, mask, new_sequence, slots)
         if not self.last:
             return x
-        if last_only:
+        if last_index is not None:
+            x = x[torch.arange(x.shape[0], device=x.device), last_index][:, None]
+        elif last_only:
             x = x[:, -1:]
         return self.lm_head(self.model.norm(x))
 
