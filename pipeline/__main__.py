@@ -1,4 +1,5 @@
-"""`python -m pipeline <command>`: compose params.yaml, check it, publish deferred MLflow runs."""
+"""`python -m pipeline <command>`: compose params.yaml, check it, publish deferred MLflow runs, pick a serving
+configuration for an SLO."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.report import pareto
 from pipeline.progress import console
 
 
@@ -54,6 +56,51 @@ def _backfill(args: argparse.Namespace) -> int:
     return 0 if left == 0 else 1
 
 
+def _advise(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from pipeline import advise
+
+    slo = {name: bound for name, bound in (("ttft_ms", args.ttft_p99_ms), ("tpot_ms", args.tpot_p99_ms),
+                                           ("e2el_ms", args.e2el_p99_ms)) if bound is not None}
+    for name, bound in slo.items():
+        if not bound > 0:
+            raise PipelineError(f"--{name.removesuffix('_ms')}-p99-ms must be > 0, got {bound}")
+    if args.results:
+        runs = [advise.file_run(Path(p)) for p in args.results]
+    else:
+        runs = [r for r in [advise.workspace_run()] if r is not None] + advise.experiment_runs()
+    if not runs:
+        raise PipelineError(f"no serving results: run the serve stage (dvc repro serve, or dvc exp run) or give "
+                            f"--results metrics/serving.json")
+    rows = advise.candidates(runs, slo, args.price_per_hour)
+    best, ok = advise.advise(rows, slo)
+    sources = ", ".join(f"{k} ({v})" for k, v in advise.by_source(rows).items())
+    console.print(f"{len(rows)} measured points from {sources}; SLO: {pareto.slo_text(slo)}", highlight=False)
+    if best is None:
+        console.print(f"[red]No measured run meets {pareto.slo_text(slo)}.[/red] Lowest p99s measured: "
+                      + ", ".join(f"{m} {min(r.get(f'{m}_p99', float('inf')) for r in rows):.1f} ms" for m in slo),
+                      highlight=False)
+        return 1
+    table = Table(title=f"Points meeting {pareto.slo_text(slo)}, by goodput")
+    for col in ("backend", "precision", "tp x pp", "load", "slots", "source", "goodput req/s", "output tok/s",
+                "TTFT p99 ms", "TPOT p99 ms", "per 1M out tok"):
+        table.add_column(col, overflow="fold")
+    for r in ok:
+        table.add_row(r["backend"], r["precision"], f"{r.get('tp', 1)} x {r.get('pp', 1)}", pareto.load_label(r),
+                      str(r.get("max_num_seqs") or "-"), r["source"],
+                      "-" if r["slo_goodput"] is None else f"{r['slo_goodput']:.2f}",
+                      f"{r['output_token_throughput']:.1f}", f"{r['ttft_ms_p99']:.1f}", f"{r['tpot_ms_p99']:.2f}",
+                      "-" if r["cost_per_million"] is None else f"{r['cost_per_million']:.4g}")
+    console.print(table)
+    cost = ("; set hardware.price_per_hour or --price-per-hour for its cost" if best["cost_per_million"] is None
+            else f", {best['cost_per_million']:.4g} per million output tokens")
+    goodput = "n/a" if best["slo_goodput"] is None else f"{best['slo_goodput']:.2f}"
+    console.print(f"[green]Best:[/green] {advise.describe(best)}: goodput {goodput} req/s, "
+                  f"{best['output_token_throughput']:.1f} output tok/s{cost}", highlight=False)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # The usage line names how the user started it: the `llama3-pipeline` console script or `python -m pipeline`.
     script = Path(sys.argv[0]).name
@@ -72,6 +119,15 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("backfill", help="log runs saved while MLflow was unreachable")
     p.add_argument("--params", default="params.yaml")
     p.set_defaults(func=_backfill)
+    p = sub.add_parser("advise", help="the measured serving configuration with the highest goodput meeting an SLO")
+    p.add_argument("--ttft-p99-ms", type=float, help="time to first token, p99 bound (ms)")
+    p.add_argument("--tpot-p99-ms", type=float, help="time per output token, p99 bound (ms)")
+    p.add_argument("--e2el-p99-ms", type=float, help="end-to-end latency, p99 bound (ms)")
+    p.add_argument("--price-per-hour", type=float, help="machine price per hour (default: each run's "
+                   "hardware.price_per_hour)")
+    p.add_argument("--results", nargs="*", help="metrics/serving.json files to read instead of the workspace "
+                   "and the DVC experiments")
+    p.set_defaults(func=_advise)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -12,7 +12,7 @@ def main() -> None:
             benchmark=paths.BENCHMARK_METRICS, conditions=paths.BENCHMARK_CONDITIONS, runs=paths.BENCHMARK_RUNS,
             weights_metrics=paths.WEIGHTS_METRICS, weights_dir=paths.WEIGHTS_DIR, verify=paths.VERIFY_METRICS,
             export=paths.EXPORT_METRICS, graph=paths.ONNX_GRAPH, calibrate=paths.CALIBRATE_METRICS,
-            evaluate=paths.EVALUATE_METRICS)
+            evaluate=paths.EVALUATE_METRICS, serving=paths.SERVING_METRICS)
         built = report.build(inputs, paths.REPORT_DIR, headline_path=paths.HEADLINE_METRICS,
                              plot_data_path=paths.REPORT_PLOT_DATA)
         stage.log_metrics(built["headline"])

@@ -5,6 +5,7 @@
     headline.py  the few numbers `dvc exp show` and MLflow show (no matplotlib)
     plots.py     draw one PNG per function (matplotlib, Agg)
     markdown.py  write report.md
+    pareto.py    serving operating points: SLO checks, Pareto front, best per SLO (also used by `advise`)
     dvc_by_backend.json  Vega-Lite template for dvc.yaml's top-level plots: one line per backend
 
 Usage: `report.build(report.ReportInputs(...), out_dir, headline_path=..., plot_data_path=...)`.
@@ -43,6 +44,8 @@ def build(inputs: ReportInputs, out_dir: Path, *, headline_path: Path | None = N
         plots.append("accuracy.png")
     if data.graph:
         plots.append("onnx_ops.png")
+    if data.serving and data.serving["points"]:
+        plots.append("serving.png")
     with artifacts.atomic_dir(out_dir) as tmp:
         draw.latency(table, tmp / "latency.png")
         draw.throughput(table, tmp / "throughput.png")
@@ -52,6 +55,8 @@ def build(inputs: ReportInputs, out_dir: Path, *, headline_path: Path | None = N
             draw.accuracy(tables.accuracy_rows(data.evaluate), tmp / "accuracy.png")
         if data.graph:
             draw.onnx_ops(tables.op_counts(data.graph), data.graph.get("ort_optimization"), tmp / "onnx_ops.png")
+        if "serving.png" in plots:
+            draw.serving(data.serving["points"], data.serving["settings"].get("slo", {}), tmp / "serving.png")
         (tmp / "report.md").write_text(markdown.render(data, table, plots))
     if plot_data_path is not None:
         artifacts.atomic_write_json(plot_data_path, tables.plot_records(table))

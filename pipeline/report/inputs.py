@@ -21,6 +21,9 @@ SCENARIO_FIELDS = ("ttft_ms_p50", "ttft_ms_p90", "ttft_ms_p99", "tpot_ms_p50", "
 ROOFLINE_CONDITIONS = ("source", "memory_bandwidth_gbs", "peak_tflops", "peak_dtype")
 # Per-artifact fields of metrics/evaluate.json (pipeline/evaluate.py `score` + `apply_gate`).
 EVALUATE_FIELDS = ("ppl", "ppl_delta_pct", "top1_agreement", "kl_mean", "gate_pass")
+# Per point of metrics/serving.json that the serving chart, tables and the advisor read.
+SERVING_FIELDS = ("backend", "precision", "point", "load", "output_token_throughput", "request_throughput",
+                  "goodput", "ttft_ms_p99", "tpot_ms_p99", "e2el_ms_p99", "completed")
 RUN_FIELDS = ("backend", "scenario", "batch_size", "prompt_length", "output_length", "tpot_ms")
 
 
@@ -38,6 +41,7 @@ class ReportInputs:
     graph: Path | None = None
     calibrate: Path | None = None
     evaluate: Path | None = None
+    serving: Path | None = None   # metrics/serving.json (stage serve)
 
 
 @dataclass
@@ -54,6 +58,7 @@ class ReportData:
     graph: dict[str, Any] | None = None
     calibrate: dict[str, Any] | None = None
     evaluate: dict[str, Any] | None = None
+    serving: dict[str, Any] | None = None
 
 
 def _missing(path: Path) -> PipelineError:
@@ -89,14 +94,14 @@ def load(inputs: ReportInputs) -> ReportData:
     # Existence first, for all of them: the error should name a missing file before any other problem.
     required = [inputs.benchmark, inputs.conditions, inputs.runs, inputs.weights_metrics,
                 Path(inputs.weights_dir) / artifacts.MANIFEST]
-    optional = [inputs.verify, inputs.export, inputs.graph, inputs.calibrate, inputs.evaluate]
+    optional = [inputs.verify, inputs.export, inputs.graph, inputs.calibrate, inputs.evaluate, inputs.serving]
     for path in required + [p for p in optional if p is not None]:
         if not Path(path).is_file():
             raise _missing(path)
     data = ReportData(benchmark=_read_json(inputs.benchmark), conditions=_read_json(inputs.conditions),
                       runs=_read_runs(inputs.runs), weights=_read_json(inputs.weights_metrics),
                       manifest=artifacts.read_manifest(inputs.weights_dir))
-    for key in ("verify", "export", "graph", "calibrate", "evaluate"):
+    for key in ("verify", "export", "graph", "calibrate", "evaluate", "serving"):
         path = getattr(inputs, key)
         if path is not None:
             setattr(data, key, _read_json(path))
@@ -114,6 +119,11 @@ def load(inputs: ReportInputs) -> ReportData:
     if absent:
         raise PipelineError(f"{inputs.runs}: no runs for {', '.join(absent)} of {inputs.benchmark}; "
                             "rerun the benchmark stage (dvc repro)")
+    if data.serving is not None:
+        if not isinstance(data.serving.get("points"), list) or not isinstance(data.serving.get("settings"), dict):
+            raise PipelineError(f"{inputs.serving}: no \"points\" list or \"settings\"; rerun the serve stage (dvc repro)")
+        for i, row in enumerate(data.serving["points"]):
+            _require(inputs.serving, f"points[{i}]", row, SERVING_FIELDS)
     for name, scored in (data.evaluate or {}).items():
         if isinstance(scored, dict):
             _require(inputs.evaluate, name, scored, EVALUATE_FIELDS)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.report import tables
+from pipeline.report import pareto, tables
 from pipeline.report.headline import evaluated_artifact
 from pipeline.report.inputs import ReportData
 
@@ -107,6 +107,41 @@ def _verify_section(verify: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _serving_section(serving: dict[str, Any], price_per_hour: float | None = None) -> list[str]:
+    rows, settings = serving["points"], serving["settings"]
+    slo = settings.get("slo", {})
+    lines = ["## Serving", "",
+             f"{settings.get('num_requests')} requests per load point ({settings.get('dataset')}: input "
+             f"{settings.get('input_len')}, output {settings.get('output_len')} tokens, range ratio "
+             f"{settings.get('range_ratio')}), {settings.get('max_num_seqs')} sequences at most in flight. Goodput: "
+             f"requests meeting {', '.join(f'{k} <= {v:g}' for k, v in slo.items())} per second. Bound: output tok/s "
+             "of full waves at the roofline (prefill at peak FLOP/s, decode at the memory roofline).", "",
+             "| backend | precision | load | output tok/s | % of bound | req/s | goodput req/s (%) | TTFT p50 / p99 ms "
+             "| TPOT p50 / p99 ms | ITL p99 ms | E2EL p99 ms | mean concurrency | KV-slot use |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['backend']} | {r['precision']} | {pareto.load_label(r)} | {r['output_token_throughput']:.1f} "
+            f"| {_fmt(r.get('throughput_roofline_pct', float('nan')))} | {r['request_throughput']:.2f} "
+            f"| {r['goodput']:.2f} ({100 * r.get('goodput_fraction', 0):.0f} %) "
+            f"| {r.get('ttft_ms_p50', float('nan')):.1f} / {r['ttft_ms_p99']:.1f} "
+            f"| {r.get('tpot_ms_p50', float('nan')):.2f} / {r['tpot_ms_p99']:.2f} | {r.get('itl_ms_p99', float('nan')):.2f} "
+            f"| {r['e2el_ms_p99']:.1f} | {r.get('mean_concurrency', float('nan')):.1f} "
+            f"| {_fmt(100 * r['kv_slot_utilization']) + ' %' if 'kv_slot_utilization' in r else '-'} |")
+    lines += ["", "Best configuration per SLO (highest goodput among points meeting it at p99):", "",
+              "| SLO | configuration | load | goodput req/s | output tok/s | TTFT p99 ms | TPOT p99 ms |",
+              "|---|---|---|---|---|---|---|"]
+    for bounds in (slo, {}):
+        b = pareto.best(rows, bounds, "goodput" if bounds else "output_token_throughput")
+        if b is None:
+            lines.append(f"| {pareto.slo_text(bounds)} | no measured point meets it | | | | | |")
+        else:
+            lines.append(f"| {pareto.slo_text(bounds)} | {pareto.label(b)} | {pareto.load_label(b)} | {b['goodput']:.2f} "
+                         f"| {b['output_token_throughput']:.1f} | {b['ttft_ms_p99']:.1f} | {b['tpot_ms_p99']:.2f} |")
+    return lines + ["", "Any metric can be recomputed from `metrics/serving_requests.jsonl` (every token's time); "
+                    "`python -m pipeline advise --ttft-p99-ms ... --tpot-p99-ms ...` ranks every measured run.", ""]
+
+
 def render(data: ReportData, table: list[dict[str, Any]], plots: list[str]) -> str:
     """report.md: model, one section per benchmarked backend, skipped backends, accuracy, export, TP/PP, plots."""
     lines = ["# Llama 3 inference report", ""] + _model_section(data.manifest, data.weights)
@@ -125,6 +160,8 @@ def render(data: ReportData, table: list[dict[str, Any]], plots: list[str]) -> s
         lines += _export_section(data.export, data.graph)
     if data.verify:
         lines += _verify_section(data.verify)
+    if data.serving and data.serving["points"]:
+        lines += _serving_section(data.serving)
     lines += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     lines += ["Definitions: TTFT = first token time - send time; TPOT = (E2E - TTFT) / (N - 1); "
               "output tok/s = tokens produced / summed end-to-end time of the measured runs.", ""]

@@ -15,7 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
-from pipeline.report import tables  # noqa: E402
+from pipeline.report import pareto, tables  # noqa: E402
 
 DPI = 110
 
@@ -128,4 +128,32 @@ def onnx_ops(ops: list[tuple[str, int, int]], ort_optimization: str | None, out:
     ax.set_title("ONNX graph: node counts by op type")
     ax.legend(fontsize=8)
     ax.grid(axis="x", alpha=0.3)
+    _save(fig, out)
+
+
+def serving(rows: list[dict[str, Any]], slo: dict[str, float], out: Path) -> None:
+    """Output tokens/s against TPOT p99 (left) and TTFT p99 (right), one line per backend x precision x tp/pp
+    across the load points; the Pareto front (no point both faster and higher) in black, the SLO bounds dashed."""
+    fig, axes = plt.subplots(1, 2, figsize=(13, 5))
+    for ax, metric, name in ((axes[0], "tpot_ms_p99", "TPOT p99 (ms)"), (axes[1], "ttft_ms_p99", "TTFT p99 (ms)")):
+        for config, points in pareto.series(rows).items():
+            style = "s--" if config.endswith("closed loop") else "o-"
+            ax.plot([r[metric] for r in points], [r["output_token_throughput"] for r in points], style, label=config)
+            for r in points:
+                ax.annotate(pareto.load_label(r), (r[metric], r["output_token_throughput"]), fontsize=7,
+                            textcoords="offset points", xytext=(4, 4))
+        front = pareto.pareto_front(rows, metric)
+        ax.step([r[metric] for r in front], [r["output_token_throughput"] for r in front], "k--", where="post",
+                linewidth=1, label="Pareto front")
+        ax.scatter([r[metric] for r in front], [r["output_token_throughput"] for r in front], s=120,
+                   facecolors="none", edgecolors="black", zorder=3)
+        bound = slo.get(metric.removesuffix("_p99"))
+        if bound is not None:
+            ax.axvline(bound, color="red", linestyle=":", label=f"SLO {bound:g} ms")
+        ax.set_xscale("log")
+        ax.set_xlabel(name)
+        ax.set_ylabel("output tokens / s")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("Serving: throughput against tail latency across the load sweep")
     _save(fig, out)
