@@ -71,8 +71,8 @@ def _advise(args: argparse.Namespace) -> int:
     else:
         runs = [r for r in [advise.workspace_run()] if r is not None] + advise.experiment_runs()
     if not runs:
-        raise PipelineError(f"no serving results: run the serve stage (dvc repro serve, or dvc exp run) or give "
-                            f"--results metrics/serving.json")
+        raise PipelineError("no serving results: run the serve stage (dvc repro serve, or dvc exp run) or give "
+                            "--results metrics/serving.json")
     rows = advise.candidates(runs, slo, args.price_per_hour)
     best, ok = advise.advise(rows, slo)
     sources = ", ".join(f"{k} ({v})" for k, v in advise.by_source(rows).items())

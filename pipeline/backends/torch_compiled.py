@@ -99,7 +99,10 @@ class TorchCompiledBackend(Backend):
         from pipeline.backends.continuous import ContinuousBatchEngine
         from pipeline.model.fused import DecodeStep
 
-        self.step = DecodeStep(self.model, self.step.compiled, INDUCTOR_CACHE_DIR, dynamic_batch=True)
+        # CUDA: one dynamic-batch graph. CPU (compile=inductor only): a graph per bucket, since inductor cannot
+        # lower the CPU int8 kernel (_weight_int8pack_mm) with a symbolic batch.
+        self.step = DecodeStep(self.model, self.step.compiled, INDUCTOR_CACHE_DIR,
+                               dynamic_batch=self.device.type == "cuda")
         return ContinuousBatchEngine(self.model, self.step, limits)
 
     def _check_room(self, length: int) -> None:
