@@ -35,7 +35,13 @@ def compose_dict(conf_dir: Path, overrides: Sequence[str] = ()) -> dict[str, Any
         # Hydra appends its search path to every message; the first part is what the user needs.
         message = " ".join(str(e).split()).split(" Config search path")[0]
         unknown = re.match(r"Could not override '([^']+)'", message)
-        if unknown:
+        parent = unknown.group(1).rpartition(".")[0] if unknown else ""
+        keys = config.schema_keys()
+        if unknown and parent in keys and not any(k.startswith(parent + ".") for k in keys):
+            # A new entry of a mapping setting (serving.slo, hardware.peak_tflops): Hydra needs the `+`.
+            raise ConfigError(f"override: {unknown.group(1)} adds an entry to the mapping {parent}; write "
+                              f"+{unknown.group(1)}=<value> (and ~{parent}.<key> to remove one)") from None
+        if unknown and unknown.group(1) not in config.schema_keys():
             # Hydra would advise adding the key with `+`; a mistyped key needs the closest valid one instead.
             raise ConfigError(f"override: {config.unknown_key_message(unknown.group(1))}") from None
         raise ConfigError(f"conf/: {message}") from None

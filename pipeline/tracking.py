@@ -62,7 +62,7 @@ HEADLINE_PARAMS = ("model.name", "precision.name", "parallel.tp", "parallel.pp",
 # The numbers compared across runs: what metrics/headline.json holds (latency and throughput per
 # backend and scenario, accuracy cost), plus model load time and the worst logit difference of the
 # parallel checkpoints.
-HEADLINE_METRICS = (*headline.HEADLINE_METRICS, "load_s", "logits_max_abs_diff", *headline.SERVING_METRICS)
+HEADLINE_METRICS = (*headline.HEADLINE_METRICS, "load_s", "logits_max_abs_diff")
 MAX_RUN_METRICS = 12  # more numbers than this from one stage is per-item detail: keep HEADLINE_METRICS
 SYSTEM_METRICS_STAGES = ("benchmark",)
 SYSTEM_METRICS_INTERVAL_S = 3.0  # MLflow's MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
@@ -101,11 +101,11 @@ def numeric(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
-def reduce_metrics(values: dict[str, float]) -> dict[str, float]:
-    """Keep a stage's numbers, unless there are more than MAX_RUN_METRICS: then only HEADLINE_METRICS leaves."""
+def reduce_metrics(values: dict[str, float], names: tuple[str, ...] = HEADLINE_METRICS) -> dict[str, float]:
+    """Keep a stage's numbers, unless there are more than MAX_RUN_METRICS: then only the leaves named `names`."""
     if len(values) <= MAX_RUN_METRICS:
         return dict(values)
-    return {k: v for k, v in values.items() if k.rsplit(".", 1)[-1] in HEADLINE_METRICS}
+    return {k: v for k, v in values.items() if k.rsplit(".", 1)[-1] in names}
 
 
 class StageRun:
@@ -114,12 +114,13 @@ class StageRun:
     def __init__(self, record: StageRecord):
         self.record = record
 
-    def log_metrics(self, metrics: dict[str, Any], prefix: str = "") -> None:
+    def log_metrics(self, metrics: dict[str, Any], prefix: str = "", names: tuple[str, ...] = HEADLINE_METRICS) -> None:
+        """Log numbers (nested dicts flattened); past MAX_RUN_METRICS only the leaves named `names`."""
         values = numeric(metrics, prefix)
-        kept = reduce_metrics(values)
+        kept = reduce_metrics(values, names)
         if len(kept) < len(values):
             self.record.tags["pipeline.metrics"] = (f"{len(kept)} of {len(values)} numbers logged "
-                                                    f"({', '.join(HEADLINE_METRICS)}); the metrics file has all")
+                                                    f"({', '.join(names)}); the metrics file has all")
         self.record.metrics.update(kept)
 
     def log_artifact(self, path: str | Path, artifact_dir: str = "") -> None:

@@ -213,7 +213,7 @@ def test_launcher_gives_each_job_the_model_shape_hardware_and_lm_head_storage(pr
     for job in plan.jobs.values():
         assert LlamaArgs(**job["model"]) == shape and shape.hidden_size == 64
         assert job["hardware"] == {"device": "cpu", "num_threads": 0, "name": None, "measure": True,
-                                   "memory_bandwidth_gbs": None, "peak_tflops": {}}
+                                   "memory_bandwidth_gbs": None, "peak_tflops": {}, "price_per_hour": None}
         assert job["lm_head_quantized"] is False  # fp32
     assert launcher.plan(_cfg(default_raw, precision={"name": "int8"}), vocab_size=512).jobs[
         "onnxruntime"]["lm_head_quantized"] is True

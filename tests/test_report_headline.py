@@ -113,4 +113,4 @@ def test_dvc_yaml_declares_the_report_outputs_and_draws_them_per_backend():
     assert {"tpot_ms_p50", "output_token_throughput", "ttft_ms_p50", "roofline_pct"} <= drawn
     pngs = {p for p in dvc["plots"] if isinstance(p, str)}
     assert pngs == {f"reports/{n}" for n in ("latency.png", "throughput.png", "tpot_distribution.png", "roofline.png",
-                                             "accuracy.png", "onnx_ops.png")}
+                                             "accuracy.png", "onnx_ops.png", "serving.png")}

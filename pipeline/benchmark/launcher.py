@@ -67,7 +67,7 @@ def lm_head_quantized(precision: str, artifact: Path) -> bool:
     return "MatMul" in settings["op_types"] and "lm_head" not in settings["nodes_to_exclude"]
 
 
-def plan(cfg: PipelineConfig, vocab_size: int, names: list[str] | None = None) -> Plan:
+def plan(cfg: PipelineConfig, vocab_size: int, names: list[str] | None = None, require_one: bool = True) -> Plan:
     """Jobs for `names` (default benchmark.backends): what each worker needs, the skipped ones and why."""
     names = list(cfg.benchmark.backends if names is None else names)
     jobs, skipped = {}, {}
@@ -107,7 +107,7 @@ def plan(cfg: PipelineConfig, vocab_size: int, names: list[str] | None = None) -
         console.print(f"[yellow]benchmark: {parallel['not_benchmarked']}[/yellow]")
     else:
         parallel["benchmarked_by"] = distributed
-    if not jobs:
+    if not jobs and require_one:
         raise PipelineError(f"none of {names} can run precision.name="
                             f"{cfg.precision.name} on hardware.device={cfg.hardware.device} "
                             f"({'; '.join(skipped.values())})")
@@ -117,7 +117,7 @@ def plan(cfg: PipelineConfig, vocab_size: int, names: list[str] | None = None) -
 def serve_plan(cfg: PipelineConfig, vocab_size: int, requests: list, warmup: list) -> Plan:
     """Jobs of the serve stage: benchmark jobs for serving.backends plus the serving settings and the requests
     (the same list for every backend: [id, prompt ids, output tokens])."""
-    todo = plan(cfg, vocab_size, cfg.serving.backends)
+    todo = plan(cfg, vocab_size, cfg.serving.backends, require_one=False)
     settings = dataclasses.asdict(cfg.serving)
     rows = [[r.id, list(r.prompt), r.max_new_tokens] for r in requests]
     warm = [[r.id, list(r.prompt), r.max_new_tokens] for r in warmup]

@@ -122,6 +122,8 @@ def serving_metrics(records: Sequence[RequestRecord], percentiles: Sequence[floa
                     slot_seconds: float | None = None, max_num_seqs: int | None = None) -> dict[str, float]:
     """Every summary metric of one load point, from its records alone (plus the slot integral when given)."""
     done = [r for r in records if len(r.token_s) == r.output_len]
+    if not done:
+        return {"completed": 0, "failed": len(records)}
     per = [per_request(r) for r in done]
     itl = [(b - a) * 1e3 for r in done for a, b in zip(r.token_s, r.token_s[1:])]
     start = min(r.send_s for r in done)

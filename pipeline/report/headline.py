@@ -20,9 +20,6 @@ SCENARIO_METRICS: tuple[str, ...] = ("ttft_ms_p50", "tpot_ms_p50", "output_token
 # Per backend: perplexity change in % of the artifact it ran vs Hugging Face fp32 (metrics/evaluate.json).
 ACCURACY_METRIC = "ppl_delta_pct"
 HEADLINE_METRICS: tuple[str, ...] = (*SCENARIO_METRICS, ACCURACY_METRIC)
-# Per serving load point (stage serve, metrics/serving.json): what MLflow keeps of each backend x point.
-SERVING_METRICS: tuple[str, ...] = ("output_token_throughput", "request_throughput", "goodput", "ttft_ms_p99",
-                                    "tpot_ms_p99")
 
 # Artifact kind (pipeline/paths.py ARTIFACTS) -> the metrics/evaluate.json entry that scores it. The converted
 # checkpoints hold the Hugging Face weights bit for bit (verify_parallel checks the runner on them), so the
