@@ -15,7 +15,7 @@ pytestmark = pytest.mark.slow
 
 
 STAGES = {"weights", "export_onnx", "calibrate", "evaluate", "convert_ft", "convert_trtllm", "verify_parallel",
-          "benchmark", "report"}
+          "benchmark", "serve", "report"}
 
 
 def _ran(output: str) -> set[str]:
@@ -60,6 +60,16 @@ def test_repro_builds_every_output_with_sane_metrics(project, first_repro):
     assert (project / "reports/latency.png").read_bytes()[:4] == b"\x89PNG"
     lock = yaml.safe_load((project / "dvc.lock").read_text())
     assert set(lock["stages"]) == STAGES
+    # Issue 17: the serving sweep of the embedded default, every point of every backend, every request recorded.
+    serving = json.loads((project / "metrics/serving.json").read_text())
+    sp = yaml.safe_load((project / "params.yaml").read_text())["serving"]
+    points = len(sp["request_rates"]) + len(sp["concurrencies"])
+    assert len(serving["points"]) == len(sp["backends"]) * points
+    assert all(r["completed"] == sp["num_requests"] and r["failed"] == 0 for r in serving["points"])
+    records = (project / "metrics/serving_requests.jsonl").read_text().splitlines()
+    assert len(records) == len(sp["backends"]) * points * sp["num_requests"]
+    assert "## Serving" in (project / "reports/report.md").read_text()
+    assert (project / "reports/serving.png").read_bytes()[:4] == b"\x89PNG"
     # Issue 4: parity, accuracy and the INT8 artifacts.
     export = json.loads((project / "metrics/export_onnx.json").read_text())
     assert export["prefill_max_abs_diff"] <= 1e-4 and export["decode_max_abs_diff"] <= 1e-4
