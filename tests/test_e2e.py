@@ -146,7 +146,11 @@ def run_fail(cmd, cwd) -> str:
 def test_int8_precision_benchmarks_the_quantized_graph_and_skips_what_cannot_run_it(project, first_repro):
     ran = _exp_run(project, "precision=int8")
     # convert_* read precision (their dtype follows it) but write the same fp32 files, so nothing below reruns.
-    assert ran <= {"benchmark", "report", "convert_ft", "convert_trtllm"} and {"benchmark", "report"} <= ran
+    assert ran <= {"benchmark", "serve", "report", "convert_ft", "convert_trtllm"} and {"benchmark", "report"} <= ran
+    # Neither serving backend runs int8: serve records why and serves nothing; the DAG stays green.
+    serving = json.loads((project / "metrics/serving.json").read_text())
+    serving_conditions = json.loads((project / "metrics/serving_conditions.json").read_text())
+    assert serving["points"] == [] and "not int8" in serving_conditions["torch-compiled"]["skipped"]
     metrics = json.loads((project / "metrics/benchmark.json").read_text())
     conditions = json.loads((project / "metrics/benchmark_conditions.json").read_text())
     assert set(metrics) == {"onnxruntime"} and conditions["onnxruntime"]["onnx_graph"] == "int8-qdq"

@@ -3,7 +3,7 @@ field's metrics from the per-request records.
 
 The records (send time, the time each token reached the host, lengths) are the raw data: every metric below is
 recomputed from them (`serving_metrics`), and they are written as a DVC output so anyone can recompute others.
-Definitions (vLLM `bench serve`, genai-perf; ../shared/REFERENCE.md):
+Definitions (vLLM `bench serve`, genai-perf):
 
     TTFT_i = t_first_i - t_send_i        E2EL_i = t_end_i - t_send_i      TPOT_i = (E2EL_i - TTFT_i) / (N_i - 1)
     ITL = every gap between consecutive tokens of a request, pooled over requests
