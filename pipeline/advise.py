@@ -91,11 +91,18 @@ def experiment_runs(root: Path = Path(".")) -> list[Run]:
 
 
 def file_run(path: Path) -> Run:
+    """A serving.json given by path; its records are read from serving_requests.jsonl (or .jsonl.gz) beside it."""
+    import gzip
+
     if not path.is_file():
         raise PipelineError(f"--results {path}: file not found; give a metrics/serving.json written by the serve stage")
     records = path.with_name(paths.SERVING_RECORDS.name)
-    return Run(str(path), _parse(str(path), path.read_text(), str(path)),
-               _records(records.read_text()) if records.is_file() else None, None)
+    packed = records.with_name(records.name + ".gz")
+    text = records.read_text() if records.is_file() else (
+        gzip.decompress(packed.read_bytes()).decode() if packed.is_file() else None)
+    # The last two folders name a result (e.g. run2/s_bf16_128) better than the whole path.
+    source = "/".join(path.resolve().parent.parts[-2:])
+    return Run(source, _parse(str(path), path.read_text(), str(path)), _records(text), None)
 
 
 def _goodput(run: Run, row: dict[str, Any], slo: dict[str, float]) -> float | None:
