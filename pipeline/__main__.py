@@ -74,6 +74,9 @@ def _advise(args: argparse.Namespace) -> int:
         raise PipelineError("no serving results: run the serve stage (dvc repro serve, or dvc exp run) or give "
                             "--results metrics/serving.json")
     rows = advise.candidates(runs, slo, args.price_per_hour)
+    if not rows:
+        raise PipelineError(f"no measured serving points in {', '.join(r.source for r in runs)} (no backend of "
+                            f"serving.backends could run there; see metrics/serving_conditions.json)")
     best, ok = advise.advise(rows, slo)
     sources = ", ".join(f"{k} ({v})" for k, v in advise.by_source(rows).items())
     console.print(f"{len(rows)} measured points from {sources}; SLO: {pareto.slo_text(slo)}", highlight=False)

@@ -22,6 +22,7 @@ import yaml
 from pipeline import paths
 from pipeline.errors import PipelineError
 from pipeline.report import pareto
+from pipeline.report.inputs import SERVING_FIELDS
 
 
 @dataclass
@@ -32,8 +33,13 @@ class Run:
     price_per_hour: float | None
 
 
-def _records(text: str | None) -> list[dict[str, Any]] | None:
-    return None if text is None else [json.loads(line) for line in text.splitlines() if line.strip()]
+def _records(text: str | None, where: str) -> list[dict[str, Any]] | None:
+    if text is None:
+        return None
+    try:
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise PipelineError(f"{where}: a line is not valid JSON ({e}); rerun the serve stage (dvc repro serve)") from None
 
 
 def _price(params: dict[str, Any]) -> float | None:
@@ -48,6 +54,10 @@ def _parse(source: str, text: str, where: str) -> dict[str, Any]:
         raise PipelineError(f"{where}: not valid JSON ({e}); rerun the serve stage (dvc repro serve)") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("points"), list):
         raise PipelineError(f"{where}: no \"points\" list; rerun the serve stage (dvc repro serve)")
+    for i, row in enumerate(summary["points"]):
+        absent = [f for f in SERVING_FIELDS if not isinstance(row, dict) or f not in row]
+        if absent:
+            raise PipelineError(f"{where}: points[{i}] lacks {', '.join(absent)}; rerun the serve stage (dvc repro serve)")
     return summary
 
 
@@ -58,7 +68,7 @@ def workspace_run(root: Path = Path(".")) -> Run | None:
     records = root / paths.SERVING_RECORDS
     params = root / paths.PARAMS
     return Run("workspace", _parse("workspace", metrics.read_text(), str(metrics)),
-               _records(records.read_text()) if records.is_file() else None,
+               _records(records.read_text(), str(records)) if records.is_file() else None,
                _price(yaml.safe_load(params.read_text()) or {}) if params.is_file() else None)
 
 
@@ -86,7 +96,7 @@ def experiment_runs(root: Path = Path(".")) -> list[Run]:
             records = None
         price = row.get("hardware.price_per_hour")
         runs.append(Run(f"exp {name}", _parse(name, text, f"{paths.SERVING_METRICS} of experiment {name}"),
-                        _records(records), float(price) if isinstance(price, (int, float)) else None))
+                        _records(records, f"{paths.SERVING_RECORDS} of experiment {name}"), float(price) if isinstance(price, (int, float)) else None))
     return runs
 
 
@@ -98,11 +108,15 @@ def file_run(path: Path) -> Run:
         raise PipelineError(f"--results {path}: file not found; give a metrics/serving.json written by the serve stage")
     records = path.with_name(paths.SERVING_RECORDS.name)
     packed = records.with_name(records.name + ".gz")
-    text = records.read_text() if records.is_file() else (
-        gzip.decompress(packed.read_bytes()).decode() if packed.is_file() else None)
+    try:
+        text = records.read_text() if records.is_file() else (
+            gzip.decompress(packed.read_bytes()).decode() if packed.is_file() else None)
+    except (OSError, EOFError, UnicodeDecodeError) as e:  # gzip.BadGzipFile is an OSError
+        raise PipelineError(f"{packed if not records.is_file() else records}: unreadable ({e})") from None
     # The last two folders name a result (e.g. run2/s_bf16_128) better than the whole path.
     source = "/".join(path.resolve().parent.parts[-2:])
-    return Run(source, _parse(str(path), path.read_text(), str(path)), _records(text), None)
+    return Run(source, _parse(str(path), path.read_text(), str(path)),
+               _records(text, str(records if records.is_file() else packed)), None)
 
 
 def _goodput(run: Run, row: dict[str, Any], slo: dict[str, float]) -> float | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import csv
 import json
 import re
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -205,3 +207,18 @@ def test_copy_of_a_project_after_repro_is_a_fresh_clone(project, first_repro, tm
     for produced in ("plots/benchmark_runs.csv", "metrics/benchmark_conditions.json"):
         tracked = run(["git", "ls-files", produced], project, project_env()).stdout.strip()
         assert (copy / produced).exists() == bool(tracked), produced
+
+
+def test_serving_experiment_reruns_only_serve_and_report_and_advise_ranks_it(project, first_repro):
+    ran = _exp_run(project, "serving.max_num_seqs=4", "+serving.slo.e2el_ms=100000")
+    assert ran == {"serve", "report"}
+    serving = json.loads((project / "metrics/serving.json").read_text())
+    assert serving["settings"]["max_num_seqs"] == 4 and serving["settings"]["slo"]["e2el_ms"] == 100000
+    # The advisor reads the workspace and every DVC experiment: this one is among its sources.
+    proc = run([sys.executable, "-m", "pipeline", "advise", "--ttft-p99-ms", "100000", "--tpot-p99-ms", "100000"],
+               project, project_env(COLUMNS="200"))
+    out = proc.stdout + proc.stderr  # the rich console writes to stderr
+    assert "workspace" in out and "exp " in out and "Best:" in out
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "advise", "--ttft-p99-ms", "0.001"], cwd=project,
+                          env=project_env(COLUMNS="200"), capture_output=True, text=True)
+    assert proc.returncode == 1 and "No measured run meets TTFT p99 <= 0.001 ms" in proc.stdout + proc.stderr

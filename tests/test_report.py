@@ -210,3 +210,110 @@ def test_conditions_without_roofline_figures_are_named(tmp_path, metrics_dir, ti
     d = _copy_without(tmp_path, metrics_dir, "c.json", "torch", "roofline", "peak_dtype")
     with pytest.raises(PipelineError, match=r"^\S+c\.json: torch\.roofline lacks peak_dtype; rerun"):
         report.build(_inputs(d, tiny_model_dir), tmp_path / "reports")
+
+
+# --- serving (stage serve's metrics/serving.json) ------------------------------------------------------------------
+
+SERVING_SLO = {"ttft_ms": 100.0, "tpot_ms": 20.0}
+
+
+def _serving_point(backend, point, rate, goodput, ttft_p99, tpot_p99, tok_s, req_s, **extra) -> dict:
+    return {"backend": backend, "precision": "bf16", "tp": 1, "pp": 1, "point": point, "load": "rate",
+            "request_rate": rate, "concurrency": None, "output_token_throughput": tok_s, "request_throughput": req_s,
+            "goodput": goodput, "ttft_ms_p99": ttft_p99, "tpot_ms_p99": tpot_p99, "e2el_ms_p99": ttft_p99 + 2 * tpot_p99,
+            "completed": 3, **extra}
+
+
+def _serving(tmp_path, name="serving.json", **changes):
+    """A serving.json of 2 backends x 2 rates; beta at max load is the best point meeting SERVING_SLO (alpha at
+    2 req/s meets it with more tokens/s but less goodput; alpha at max load has the most tokens but misses it)."""
+    points = [
+        _serving_point("alpha", "rate_2", 2.0, 1.5, 50.0, 10.0, 1800.0, 1.5, ttft_ms_p50=45.0, tpot_ms_p50=9.0,
+                       itl_ms_p99=11.0, throughput_roofline_pct=12.5, goodput_fraction=1.0, mean_concurrency=0.2,
+                       kv_slot_utilization=0.125),
+        _serving_point("alpha", "rate_inf", float("inf"), 0.0, 179.4, 30.0, 2000.0, 3.0),
+        _serving_point("beta", "rate_2", 2.0, 0.5, 246.8, 39.5, 600.0, 1.5),
+        _serving_point("beta", "rate_inf", float("inf"), 2.5, 80.0, 18.0, 1500.0, 2.5),
+    ]
+    summary = {"settings": {"num_requests": 3, "dataset": "random", "input_len": 16, "output_len": 3,
+                            "range_ratio": 0.0, "max_num_seqs": 8, "slo": SERVING_SLO}, "points": points}
+    for key, value in changes.items():
+        if value is None:
+            del summary[key]
+        else:
+            summary[key] = value
+    path = tmp_path / name
+    path.write_text(json.dumps(summary))  # request_rate inf is written as Infinity, as the serve stage does
+    return path
+
+
+def test_report_with_serving_results_has_the_serving_section_and_chart(tmp_path, metrics_dir, tiny_model_dir):
+    result = report.build(_inputs(metrics_dir, tiny_model_dir, serving=_serving(tmp_path)), tmp_path / "reports")
+    assert result["files"][-1] == "serving.png" and result["files"].count("serving.png") == 1
+    png = (tmp_path / "reports/serving.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    with Image.open(tmp_path / "reports/serving.png") as img:
+        img.verify()
+    md = (tmp_path / "reports/report.md").read_text()
+    assert md.count("## Serving") == 1 and "![serving.png](serving.png)" in md
+    assert "3 requests per load point (random: input 16, output 3 tokens, range ratio 0.0), 8 sequences" in md
+    assert "requests meeting ttft_ms <= 100, tpot_ms <= 20 per second" in md
+    assert ("| alpha | bf16 | 2 req/s | 1800.0 | 12.50 | 1.50 | 1.50 (100 %) | 45.0 / 50.0 | 9.00 / 10.00 | 11.00 "
+            "| 70.0 | 0.2 | 12.50 % |") in md
+    rows = [line for line in md.splitlines() if line.startswith(("| alpha |", "| beta |"))]
+    assert [line.split(" | ")[:3] for line in rows] == [["| alpha", "bf16", "2 req/s"], ["| alpha", "bf16", "max load"],
+                                                         ["| beta", "bf16", "2 req/s"], ["| beta", "bf16", "max load"]]
+    assert "Best configuration per SLO" in md
+    assert ("| TTFT p99 <= 100 ms and TPOT p99 <= 20 ms | beta bf16 tp1xpp1 | max load | 2.50 | 1500.0 | 80.0 "
+            "| 18.00 |") in md
+    assert "| no SLO | alpha bf16 tp1xpp1 | max load | 0.00 | 2000.0 | 179.4 | 30.00 |" in md
+
+
+def test_report_names_an_slo_no_serving_point_meets(tmp_path, metrics_dir, tiny_model_dir):
+    strict = _serving(tmp_path, settings={"slo": {"ttft_ms": 10.0}})
+    report.build(_inputs(metrics_dir, tiny_model_dir, serving=strict), tmp_path / "reports")
+    md = (tmp_path / "reports/report.md").read_text()
+    assert "| TTFT p99 <= 10 ms | no measured point meets it | | | | | |" in md
+
+
+def test_report_without_serving_has_no_serving_section(built):
+    out, result = built
+    md = (out / "reports/report.md").read_text()
+    assert "serving.png" not in result["files"] and not (out / "reports/serving.png").exists()
+    assert "## Serving" not in md and "Best configuration per SLO" not in md
+
+
+def test_serving_without_points_draws_nothing(tmp_path, metrics_dir, tiny_model_dir):
+    """The serve stage writes "points": [] when no backend could run: no section, no chart, no error."""
+    result = report.build(_inputs(metrics_dir, tiny_model_dir, serving=_serving(tmp_path, points=[])),
+                          tmp_path / "reports")
+    assert "serving.png" not in result["files"]
+    assert "## Serving" not in (tmp_path / "reports/report.md").read_text()
+
+
+@pytest.mark.parametrize("broken", ["no points", "no settings", "point without goodput", "point without backend"])
+def test_an_incomplete_serving_file_is_named_in_one_line_and_nothing_is_written(tmp_path, metrics_dir, tiny_model_dir,
+                                                                              broken):
+    if broken == "no points":
+        path = _serving(tmp_path, points=None)
+    elif broken == "no settings":
+        path = _serving(tmp_path, settings=None)
+    else:
+        field = broken.rsplit(" ", 1)[-1]
+        path = _serving(tmp_path)
+        summary = json.loads(path.read_text())
+        del summary["points"][1][field]
+        path.write_text(json.dumps(summary))
+    out = tmp_path / "out"
+    (out / "reports").mkdir(parents=True)
+    (out / "reports/report.md").write_text("previous report\n")
+    with pytest.raises(PipelineError) as e:
+        report.build(_inputs(metrics_dir, tiny_model_dir, serving=path), out / "reports",
+                     headline_path=out / "headline.json", plot_data_path=out / "plots.json")
+    message = str(e.value)
+    expected = (f"{path}: no \"points\" list or \"settings\"; rerun" if broken.startswith("no ")
+                else f"{path}: points[1] lacks {broken.rsplit(' ', 1)[-1]}; rerun")
+    assert message.startswith(expected) and "dvc repro" in message and "\n" not in message
+    # The previous report is untouched and nothing new (not even a .partial/ or .tmp) was left.
+    assert sorted(p.name for p in out.rglob("*")) == ["report.md", "reports"]
+    assert (out / "reports/report.md").read_text() == "previous report\n"
