@@ -95,9 +95,6 @@ class StaticBatchEngine(RequestEngine):
     def slots_in_use(self) -> int:
         return len(self.batch)
 
-    def warm_up(self) -> dict[str, float]:
-        return {}
-
     def _next_batch(self) -> list[Request]:
         # A static batch needs one prompt length: the oldest request's, and any waiting request sharing it.
         length = len(self.waiting[0].prompt)
