@@ -7,6 +7,8 @@ import argparse
 import sys
 from pathlib import Path
 
+from rich.markup import escape
+
 from pipeline.errors import PipelineError
 from pipeline.report import pareto
 from pipeline.progress import console
@@ -104,6 +106,17 @@ def _advise(args: argparse.Namespace) -> int:
     return 0
 
 
+def _doctor(args: argparse.Namespace) -> int:
+    from pipeline import config, doctor
+
+    report = doctor.doctor(config.load(args.params), params=str(args.params))
+    if args.json:
+        print(report.to_json())
+    else:
+        console.print(doctor.render(report))
+    return 0  # doctor reports what cannot run; it does not fail for it
+
+
 def main(argv: list[str] | None = None) -> int:
     # The usage line names how the user started it: the `llama3-pipeline` console script or `python -m pipeline`.
     script = Path(sys.argv[0]).name
@@ -131,11 +144,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--results", nargs="*", help="metrics/serving.json files to read instead of the workspace "
                    "and the DVC experiments")
     p.set_defaults(func=_advise)
+    p = sub.add_parser("doctor", help="which stages and backends can run on this machine under params.yaml, and why not")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--json", action="store_true", help="print the rows as JSON (on stdout) instead of tables")
+    p.set_defaults(func=_doctor)
     args = parser.parse_args(argv)
     try:
         return args.func(args)
     except PipelineError as e:
-        console.print(f"[red]error:[/red] {e}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)  # messages hold '.[extra]' hints
         return 1
 
 

@@ -18,6 +18,8 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException, Vali
 
 from pipeline import paths
 from pipeline.backends.registry import BACKENDS
+from pipeline.engines.profiles import DIMS as ENGINE_DIMS
+from pipeline.engines.profiles import uncovered_calls
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.model.hf_config import SHAPE_KEYS
 from pipeline.parallel.mapping import CHECKPOINT_FORMATS, check_layout
@@ -279,9 +281,17 @@ class ExportConfig:
     parity_atol: Optional[float] = None
     ort_optimization: str = "all"  # level whose node counts are recorded next to the raw graph's
     attn_implementation: str = "sdpa"
+    # Stage export_onnx_half: the same graph in fp16 or bf16 (what TensorRT builds fp16/bf16 engines from, since a
+    # strongly typed network takes its precision from the graph); null = not exported.
+    half: Optional[str] = "fp16"
+    half_min_top1: float = 0.95   # the half graph's top-1 agreement with Hugging Face fp32 must reach this
 
     def validate(self) -> None:
         _check_positive("export.opset", self.opset, 18)
+        if self.half is not None:
+            _check_choice("export.half", self.half, ("fp16", "bf16"))
+        if not 0 <= self.half_min_top1 <= 1:
+            _fail("export.half_min_top1", f"must be in [0, 1], got {self.half_min_top1}")
         if self.parity_atol is not None and not self.parity_atol > 0:
             _fail("export.parity_atol", f"must be > 0 or null, got {self.parity_atol}")
 
@@ -428,6 +438,110 @@ class VerifyConfig:
         return PRECISIONS[dtype].logits_atol
 
 
+PROFILING_VERBOSITIES = ("detailed", "layer_names_only", "none")
+HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
+
+
+@dataclass
+class TensorRTConfig:
+    """Stage build_engine (TensorRT >= 10.12 or 11, strongly typed) and backend tensorrt. The stage builds when
+    benchmark.backends or serving.backends names `tensorrt`, and records that it was not asked otherwise."""
+
+    workspace_gib: float = 4.0         # memory pool limit for tactics (WORKSPACE)
+    optimization_level: int = 3        # builder_optimization_level, 0-5: higher = longer build, faster engine
+    # One optimization profile per entry, [min, opt, max] per dim: batch, seq (new tokens), past (cached tokens).
+    # The backend picks, per call, the first profile whose ranges hold the call's shapes.
+    profiles: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+    timing_cache: bool = True          # keep and reuse artifacts/trt_timing_cache (per GPU and TensorRT version)
+    profiling_verbosity: str = "detailed"  # detailed: the inspector's layer JSON shows tactics and fusions
+    tf32: bool = True                  # fp32 layers may use TF32 tensor cores (the one precision flag TensorRT 11 keeps)
+    refit: bool = False                # weights refittable (BuilderFlag.REFIT)
+    strip_plan: bool = False           # weights left out of the plan, refit from the ONNX at load (needs refit)
+    weight_streaming: bool = False     # weights stay in host memory, streamed to the GPU
+    weight_streaming_budget_gib: Optional[float] = None  # device budget for streamed weights; null = automatic
+    max_aux_streams: Optional[int] = None
+    hardware_compatibility: str = "none"  # none | ampere_plus | same_compute_capability
+
+    def validate(self) -> None:
+        if not self.workspace_gib > 0:
+            _fail("tensorrt.workspace_gib", f"must be > 0, got {self.workspace_gib}")
+        _check_choice("tensorrt.optimization_level", self.optimization_level, tuple(range(6)))
+        for name, dims in self.profiles.items():
+            if set(dims) != set(ENGINE_DIMS):
+                _fail(f"tensorrt.profiles.{name}", f"must give exactly {', '.join(ENGINE_DIMS)}; got {sorted(dims)}")
+            for dim in ENGINE_DIMS:
+                r = dims[dim]
+                low = 0 if dim == "past" else 1
+                if len(r) != 3 or not all(isinstance(v, int) for v in r) or not low <= r[0] <= r[1] <= r[2]:
+                    _fail(f"tensorrt.profiles.{name}.{dim}", f"must be [min, opt, max] integers with {low} <= min "
+                          f"<= opt <= max; got {r}")
+        _check_choice("tensorrt.profiling_verbosity", self.profiling_verbosity, PROFILING_VERBOSITIES)
+        _check_choice("tensorrt.hardware_compatibility", self.hardware_compatibility, HARDWARE_COMPATIBILITY)
+        if self.strip_plan and not self.refit:
+            _fail("tensorrt.strip_plan", "needs tensorrt.refit=true (a stripped plan gets its weights by refit)")
+        if self.weight_streaming_budget_gib is not None:
+            if not self.weight_streaming:
+                _fail("tensorrt.weight_streaming_budget_gib", "is set but tensorrt.weight_streaming is false")
+            if not self.weight_streaming_budget_gib > 0:
+                _fail("tensorrt.weight_streaming_budget_gib", f"must be > 0 or null, got {self.weight_streaming_budget_gib}")
+        if self.max_aux_streams is not None:
+            _check_positive("tensorrt.max_aux_streams", self.max_aux_streams, 0)
+
+
+TRTLLM_KV_CACHE_TYPES = ("paged", "continuous")
+TRTLLM_SWITCHES = ("enable", "disable")
+
+
+@dataclass
+class TrtllmBuildConfig:
+    """trtllm-build arguments (stage build_trtllm_engine, TensorRT-LLM <= 1.2). Plugin switches are enable/disable."""
+
+    max_batch_size: int = 256
+    max_input_len: int = 1024
+    max_seq_len: int = 2048
+    max_num_tokens: int = 8192
+    kv_cache_type: str = "paged"
+    gpt_attention_plugin: str = "auto"
+    gemm_plugin: str = "auto"
+    use_paged_context_fmha: str = "enable"
+    multiple_profiles: str = "enable"
+    use_fused_mlp: str = "enable"
+    tokens_per_block: int = 32
+    workers: int = 1
+    profiling_verbosity: str = "detailed"
+
+    def validate(self) -> None:
+        for key in ("max_batch_size", "max_input_len", "max_seq_len", "max_num_tokens", "tokens_per_block", "workers"):
+            _check_positive(f"trtllm.build.{key}", getattr(self, key))
+        if self.max_input_len > self.max_seq_len:
+            _fail("trtllm.build.max_input_len", f"exceeds trtllm.build.max_seq_len={self.max_seq_len}")
+        _check_choice("trtllm.build.kv_cache_type", self.kv_cache_type, TRTLLM_KV_CACHE_TYPES)
+        for key in ("use_paged_context_fmha", "multiple_profiles", "use_fused_mlp"):
+            _check_choice(f"trtllm.build.{key}", getattr(self, key), TRTLLM_SWITCHES)
+        _check_choice("trtllm.build.profiling_verbosity", self.profiling_verbosity, PROFILING_VERBOSITIES)
+
+
+@dataclass
+class TrtllmConfig:
+    """Backends tensorrt-llm (the LLM API's PyTorch flow on artifacts/weights, parallel.tp x parallel.pp) and
+    tensorrt-llm-engine (an engine from build_trtllm_engine, TensorRT-LLM <= 1.2). Runtime settings shared by both."""
+
+    free_gpu_memory_fraction: float = 0.9  # KvCacheConfig: share of free memory given to the paged KV cache
+    enable_block_reuse: bool = False        # KV prefix reuse; off so repeated benchmark prompts are not cached
+    max_batch_size: int = 256               # requests scheduled per iteration (serving.max_num_seqs caps it)
+    max_num_tokens: int = 8192              # tokens per iteration (serving.max_num_batched_tokens caps it)
+    cuda_graphs: bool = True                # PyTorch flow: CUDA graphs for decode, padded to captured sizes
+    cuda_graph_max_batch_size: int = 256
+    build: TrtllmBuildConfig = field(default_factory=TrtllmBuildConfig)
+
+    def validate(self) -> None:
+        if not 0 < self.free_gpu_memory_fraction < 1:
+            _fail("trtllm.free_gpu_memory_fraction", f"must be in (0, 1), got {self.free_gpu_memory_fraction}")
+        for key in ("max_batch_size", "max_num_tokens", "cuda_graph_max_batch_size"):
+            _check_positive(f"trtllm.{key}", getattr(self, key))
+        self.build.validate()
+
+
 @dataclass
 class HardwareConfig:
     """Where the benchmark runs, and the figures its roofline divides by (pipeline/benchmark/roofline.py)."""
@@ -487,12 +601,15 @@ class PipelineConfig:
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     convert: ConvertConfig = field(default_factory=ConvertConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
+    tensorrt: TensorRTConfig = field(default_factory=TensorRTConfig)
+    trtllm: TrtllmConfig = field(default_factory=TrtllmConfig)
     hardware: HardwareConfig = field(default_factory=HardwareConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
         for section in (self.model, self.precision, self.parallel, self.benchmark, self.serving, self.export, self.calibration,
-                        self.evaluate, self.convert, self.verify, self.hardware, self.tracking):
+                        self.evaluate, self.convert, self.verify, self.tensorrt, self.trtllm, self.hardware,
+                        self.tracking):
             section.validate()
         if self.model.rope_scaling is not None:
             self.model.rope_scaling.validate()
@@ -521,6 +638,43 @@ class PipelineConfig:
             _fail("serving.input_len", f"plus serving.output_len (up to {self.serving.longest_request} tokens with "
                   f"serving.range_ratio) exceed model.max_position_embeddings={self.model.max_position_embeddings}")
         self._check_serving_backends()
+        self._check_engines()
+
+    def wants(self, backend: str) -> bool:
+        """Whether the benchmark or the serve stage is asked to run `backend` (engine stages build only then)."""
+        return backend in self.benchmark.backends or backend in self.serving.backends
+
+    def _check_engines(self) -> None:
+        """Engines are built for fixed shapes: a benchmark or serving call they cannot take is rejected here."""
+        if self.wants("tensorrt") and not BACKENDS["tensorrt"].cannot_run(self.precision.name, self.hardware.device):
+            profiles = self.tensorrt.profiles
+            if not profiles:
+                _fail("tensorrt.profiles", "is empty but backend tensorrt is asked for; give at least one "
+                      "{name: {batch: [min, opt, max], seq: [...], past: [...]}}")
+            calls = []
+            if "tensorrt" in self.benchmark.backends:
+                calls += [(b, p, self.benchmark.output_length) for b in self.benchmark.batch_sizes
+                          for p in self.benchmark.prompt_lengths]
+            if "tensorrt" in self.serving.backends and self.serving.dataset == "random":
+                longest_prompt = round(self.serving.input_len * (1 + self.serving.range_ratio))
+                longest_output = round(self.serving.output_len * (1 + self.serving.range_ratio))
+                calls += [(b, longest_prompt, longest_output) for b in (1, self.serving.max_num_seqs)]
+            for batch, prompt, output in calls:
+                missing = uncovered_calls(profiles, batch, prompt, output)
+                if missing:
+                    _fail("tensorrt.profiles", f"cover no call of batch {missing[0]}, {missing[1]} new and "
+                          f"{missing[2]} cached tokens (batch {batch}, prompt {prompt}, output {output}); widen a "
+                          f"profile's [min, opt, max]")
+            if self.precision.name in ("fp16", "bf16") and self.export.half != self.precision.name:
+                _fail("export.half", f"is {self.export.half} but backend tensorrt builds precision.name="
+                      f"{self.precision.name} from the {self.precision.name} ONNX export; set export.half="
+                      f"{self.precision.name}")
+        if self.wants("tensorrt-llm-engine"):
+            longest = max([max(self.benchmark.prompt_lengths) + self.benchmark.output_length]
+                          + ([self.serving.longest_request] if self.serving.dataset == "random" else []))
+            if longest > self.trtllm.build.max_seq_len:
+                _fail("trtllm.build.max_seq_len", f"({self.trtllm.build.max_seq_len}) is below the longest request "
+                      f"({longest} tokens); raise it")
 
     def _check_serving_backends(self) -> None:
         # A backend that cannot run this precision x device is skipped by the serve stage and recorded, as the
@@ -535,6 +689,10 @@ class PipelineConfig:
         rejected here, not inside the benchmark; a backend whose artifact convert.formats leaves out too.
         Backends that cannot run a precision others can (torch at int8) are skipped and recorded."""
         precision, device = self.precision.name, self.hardware.device
+        for i, name in enumerate(self.benchmark.backends):
+            why = BACKENDS[name].cannot_benchmark()
+            if why:
+                _fail(f"benchmark.backends[{i}]", why)
         problems = {name: BACKENDS[name].cannot_run(precision, device) for name in self.benchmark.backends}
         if all(problems.values()):
             runnable = [n for n, s in BACKENDS.items() if not s.cannot_run(precision, device)]
@@ -552,6 +710,10 @@ class PipelineConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def dataclass_dict(self, section: str) -> dict[str, Any]:
+        """One params section as plain data (what engine builders and backend options take)."""
+        return dataclasses.asdict(getattr(self, section))
 
 
 def from_dict(raw: Any, source: str = "params.yaml") -> PipelineConfig:

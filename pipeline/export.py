@@ -80,7 +80,9 @@ def _torch_export(model, path: Path, opset: int, external: bool) -> None:
     mask = torch.ones(b, p + s, dtype=torch.int64)
     pos = torch.arange(p, p + s).expand(b, s).contiguous()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    past = tuple(torch.randn(b, cfg.num_key_value_heads, p, head_dim, generator=gen) for _ in range(2 * n_layers))
+    dtype = next(model.parameters()).dtype  # the past K/V are in the graph's float type
+    past = tuple(torch.randn(b, cfg.num_key_value_heads, p, head_dim, generator=gen).to(dtype)
+                 for _ in range(2 * n_layers))
     kv_spec = {0: batch, 2: past_seq}
     total_seq = dim("total_seq", min=1, max=2 * max_pos)  # attention_mask covers past_seq + seq
     dynamic_shapes = ({0: batch, 1: seq}, {0: batch, 1: total_seq}, {0: batch, 1: seq},
@@ -94,6 +96,19 @@ def _torch_export(model, path: Path, opset: int, external: bool) -> None:
         first = (str(e).strip().splitlines() or [""])[0][:300]
         raise PipelineError(f"{path.name}: torch.onnx.export (dynamo) failed for this model "
                             f"({type(e).__name__}: {first})") from e
+
+
+def _export_checked(model, path: Path, opset: int, external: bool, roots: Sequence[str]) -> None:
+    """Export, strip what names this machine, and let onnx.checker validate the file."""
+    import onnx
+
+    _torch_export(model, path, opset, external)
+    _strip_local_paths_in_file(path, roots)
+    try:
+        onnx.checker.check_model(str(path), full_check=True)  # by path: works past 2 GB
+    except Exception as e:
+        raise PipelineError(f"{path.name}: onnx.checker rejected the exported graph "
+                            f"({str(e).splitlines()[0]})") from e
 
 
 def _local_roots(*dirs: Path) -> list[str]:
@@ -232,7 +247,6 @@ def export_onnx(model_dir: Path, out_dir: Path, *, opset: int = MIN_OPSET, promp
     check runs on seeded random ids instead of the prompts (manifest parity_inputs: "random-ids"
     instead of "text"). The manifest names the weights by the sha256 of model_dir/manifest.json (null
     without one), never by path, so it is the same wherever the checkout lives. Returns the manifest."""
-    import onnx
 
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if opset < MIN_OPSET:
@@ -247,13 +261,7 @@ def export_onnx(model_dir: Path, out_dir: Path, *, opset: int = MIN_OPSET, promp
     external = param_bytes > EXTERNAL_DATA_BYTES
     with artifacts.atomic_dir(out_dir) as tmp:
         path = tmp / MODEL_FILE
-        _torch_export(model, path, opset, external)
-        _strip_local_paths_in_file(path, _local_roots(model_dir, out_dir, tmp))
-        try:
-            onnx.checker.check_model(str(path), full_check=True)  # by path: works past 2 GB
-        except Exception as e:
-            raise PipelineError(f"{path.name}: onnx.checker rejected the exported graph "
-                                f"({str(e).splitlines()[0]})") from e
+        _export_checked(model, path, opset, external, _local_roots(model_dir, out_dir, tmp))
         with tempfile.TemporaryDirectory(prefix="ort-opt-") as scratch:
             optimized = Path(scratch) / "optimized.onnx"
             session = ort_session(path, level=ort_optimization, optimized_path=optimized, external_data=external)
@@ -276,3 +284,82 @@ def export_onnx(model_dir: Path, out_dir: Path, *, opset: int = MIN_OPSET, promp
             graph={"ops_before": ops_before, "ops_after_ort": ops_after, "ort_optimization": ort_optimization},
             versions=library_versions())
     return manifest
+
+
+def widen_bf16(model) -> int:
+    """Rewrite an onnx.ModelProto's bfloat16 tensors as float32, in place (every bf16 value is exact in fp32):
+    initializers, Cast targets, graph inputs, outputs and value infos. onnxruntime's CPU provider has no bf16
+    kernels, so this is how the bf16 graph's structure and weights are checked on a CPU; its bf16 rounding is
+    not exercised (TensorRT runs the graph as written). Returns how many entries changed."""
+    import onnx
+    from onnx import numpy_helper
+
+    bf16, fp32 = onnx.TensorProto.BFLOAT16, onnx.TensorProto.FLOAT
+    changed = 0
+    g = model.graph
+    for i, init in enumerate(g.initializer):
+        if init.data_type == bf16:
+            wide = numpy_helper.to_array(init).astype(np.float32)
+            g.initializer[i].CopyFrom(numpy_helper.from_array(wide, init.name))
+            changed += 1
+    for node in g.node:
+        for attr in node.attribute:
+            if node.op_type == "Cast" and attr.name == "to" and attr.i == bf16:
+                attr.i = fp32
+                changed += 1
+            if attr.type == onnx.AttributeProto.TENSOR and attr.t.data_type == bf16:
+                attr.t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(attr.t).astype(np.float32), attr.t.name))
+                changed += 1
+    for value in (*g.input, *g.output, *g.value_info):
+        if value.type.tensor_type.elem_type == bf16:
+            value.type.tensor_type.elem_type = fp32
+            changed += 1
+    return changed
+
+
+def export_half(model_dir: Path, out_dir: Path, dtype: str, *, opset: int = MIN_OPSET,
+                prompts: Sequence[str] = PARITY_PROMPTS, min_top1: float = 0.95,
+                attn_implementation: str = "sdpa") -> dict[str, Any]:
+    """Export model_dir in `dtype` (fp16 | bf16) to out_dir/model.onnx: the graph a strongly typed TensorRT
+    network takes its precision from. Checked like the fp32 export, against Hugging Face fp32: logits
+    max-abs-diff (recorded) and top-1 agreement at prefill and at a decode step with past (gated: rounding
+    makes half logits differ by design, see pipeline/precision.py). fp16 runs in onnxruntime as exported; bf16
+    runs widened to fp32 (widen_bf16). Returns the manifest."""
+    import onnx
+
+    from pipeline.precision import PRECISIONS, torch_dtype
+
+    model_dir, out_dir = Path(model_dir), Path(out_dir)
+    if dtype not in ("fp16", "bf16"):
+        raise PipelineError(f"export.half must be fp16 or bf16, got {dtype!r}")
+    reference = load_hf_model(model_dir, torch.float32, attn_implementation)
+    half = load_hf_model(model_dir, torch_dtype(dtype), attn_implementation)
+    rows, parity_inputs = parity_rows(model_dir, prompts)
+    external = 2 * sum(p.numel() for p in half.parameters()) > EXTERNAL_DATA_BYTES
+    with artifacts.atomic_dir(out_dir) as tmp:
+        path = tmp / MODEL_FILE
+        _export_checked(half, path, opset, external, _local_roots(model_dir, out_dir, tmp))
+        del half
+        checked, execution = path, "as exported"
+        with tempfile.TemporaryDirectory(prefix="onnx-bf16-") as scratch:
+            if dtype == "bf16":
+                graph = onnx.load(str(path))
+                widen_bf16(graph)
+                checked = Path(scratch) / MODEL_FILE
+                onnx.save_model(graph, str(checked), save_as_external_data=external)
+                execution = "bf16 widened to fp32 (onnxruntime's CPU provider has no bf16 kernels)"
+            session = ort_session(checked)
+            metrics = parity(reference, session, rows)
+            del session
+        worst = min(metrics["prefill_top1_agreement"], metrics["decode_top1_agreement"])
+        if not worst >= min_top1:  # also catches NaN logits
+            raise PipelineError(f"{model_dir}: the {dtype} ONNX graph agrees with Hugging Face fp32 on {worst:.3f} of "
+                                f"top-1 tokens < export.half_min_top1={min_top1}; the {dtype} export is wrong for "
+                                f"this model (fp16 overflow? try export.half=bf16)")
+        cfg = reference.config
+        return artifacts.write_manifest(
+            tmp, kind="onnx-model", source_manifest_sha256=_manifest_sha256(model_dir), opset=opset,
+            dtype=PRECISIONS[dtype].long_name, precision=dtype, external_data=external,
+            attn_implementation=attn_implementation, parity_inputs=parity_inputs, parity_execution=execution,
+            inputs=input_names(cfg.num_hidden_layers), outputs=output_names(cfg.num_hidden_layers),
+            dynamic_dims=["batch", "seq", "past_seq", "total_seq"], metrics=metrics, versions=library_versions())

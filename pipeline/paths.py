@@ -18,6 +18,15 @@ FT_DIR = Path("artifacts/ft")
 TRTLLM_DIR = Path("artifacts/trtllm")
 VERIFY_METRICS = Path("metrics/verify_parallel.json")
 ONNX_DIR = Path("artifacts/onnx")
+ONNX_HALF_DIR = Path("artifacts/onnx_half")     # the fp16 or bf16 export (export.half) TensorRT builds from
+EXPORT_HALF_METRICS = Path("metrics/export_onnx_half.json")
+ENGINE_DIR = Path("artifacts/trt_engine")
+TIMING_CACHE_DIR = Path("artifacts/trt_timing_cache")  # persisted DVC output: one file per GPU x TensorRT version
+ENGINE_METRICS = Path("metrics/build_engine.json")
+ENGINE_LOG = Path("metrics/build_engine.log")      # every TensorRT message of the last build, kept when it fails
+TRTLLM_ENGINE_DIR = Path("artifacts/trtllm_engine")
+TRTLLM_ENGINE_METRICS = Path("metrics/build_trtllm_engine.json")
+TRTLLM_ENGINE_LOG = Path("metrics/build_trtllm_engine.log")
 INT8_DIR = Path("artifacts/onnx_int8")
 EXPORT_METRICS = Path("metrics/export_onnx.json")
 ONNX_GRAPH = Path("metrics/onnx_graph.json")
@@ -38,6 +47,9 @@ ARTIFACTS = {
     "hf_weights": Artifact(WEIGHTS_DIR, "weights"),        # config.json, *.safetensors, tokenizer
     "onnx": Artifact(ONNX_DIR, "export_onnx"),             # fp32 ONNX decoder with KV cache (model.onnx)
     "onnx_int8": Artifact(INT8_DIR, "calibrate"),          # INT8 QDQ ONNX decoder (model.onnx)
+    "onnx_half": Artifact(ONNX_HALF_DIR, "export_onnx_half"),  # fp16/bf16 ONNX decoder (model.onnx)
+    "trt_engine": Artifact(ENGINE_DIR, "build_engine"),     # TensorRT plan (model.plan) + layer JSON
+    "trtllm_engine": Artifact(TRTLLM_ENGINE_DIR, "build_trtllm_engine", "trtllm"),  # trtllm-build output
     "ft_checkpoint": Artifact(FT_DIR, "convert_ft", "ft"),
     "trtllm_checkpoint": Artifact(TRTLLM_DIR, "convert_trtllm", "trtllm"),
 }

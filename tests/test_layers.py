@@ -10,16 +10,16 @@ from tests.import_graph import direct_imports, module_name, project_modules
 # Each part of `pipeline` (a sub-package or a top-level module) and its layer; an import may only point to a
 # part of the same or a lower layer.
 LAYERS = {
-    0: ("errors", "precision", "paths", "versions", "artifacts", "progress", "onnx_io"),
+    0: ("errors", "precision", "paths", "versions", "artifacts", "progress", "onnx_io", "requirements"),
     1: ("model",),
     2: ("parallel",),
-    3: ("convert",),
+    3: ("convert", "engines"),
     4: ("runner",),
     5: ("backends",),
     6: ("config",),
     7: ("lineage", "compose", "weights", "export", "calibrate", "evaluate", "verify_parallel", "benchmark"),
     8: ("tracking", "report"),
-    9: ("__main__", "advise"),
+    9: ("__main__", "advise", "doctor"),
 }
 LAYER_OF = {part: layer for layer, parts in LAYERS.items() for part in parts}
 

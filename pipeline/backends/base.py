@@ -7,8 +7,9 @@ artifact its registry entry declares (manifest already verified), the precision 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -24,6 +25,9 @@ class BackendInputs:
     num_threads: int = 0  # hardware.num_threads (0 = library default)
     compile: str = "auto"  # benchmark.compile: auto | inductor | eager (backends with a compiled decode step)
     compile_prefill: bool = False  # benchmark.compile_prefill (torch-compiled)
+    tp: int = 1           # parallel.tp / parallel.pp, for a backend that spreads over GPUs itself (own_parallelism)
+    pp: int = 1
+    options: dict[str, Any] = field(default_factory=dict)  # its own config section (BackendSpec.options), as a dict
 
 
 class Backend(ABC):

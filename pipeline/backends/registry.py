@@ -28,9 +28,26 @@ class BackendSpec:
     # prefill/decode adapter (pipeline/backends/requests.py), "" = not a serving backend (see serving_absent).
     serving: str = "static"
     serving_absent: str = ""
+    # False: no prefill/decode calls for the benchmark stage (an engine with its own scheduler: serving only).
+    steps: bool = True
+    # pipeline/requirements.py PACKAGES keys this backend imports; `python -m pipeline doctor` and the launcher
+    # check them (and a GPU when devices is cuda only) before anything loads.
+    requires: tuple[str, ...] = ()
+    # True: it spreads parallel.tp x parallel.pp over GPUs itself (not under torchrun); it needs that many GPUs.
+    own_parallelism: bool = False
+    options: str = ""                # the params section handed to it as BackendInputs.options ("" = none)
+
+    @property
+    def gpu_only(self) -> bool:
+        return self.devices == ("cuda",)
 
     def artifact_for(self, precision: str) -> str:
         return self.artifact[precision] if isinstance(self.artifact, dict) else self.artifact
+
+    def cannot_benchmark(self) -> Optional[str]:
+        """Why the benchmark stage (prefill/decode timing) cannot drive this backend, or None."""
+        return None if self.steps else (f"backend {self.name} schedules requests itself and has no prefill/decode "
+                                        f"calls to time; serve it instead (serving.backends)")
 
     def cannot_serve(self) -> Optional[str]:
         """Why the serving benchmark cannot drive this backend, or None."""
@@ -61,6 +78,19 @@ BACKENDS: dict[str, BackendSpec] = {s.name: s for s in (
                 summary="the project's TP x PP runner on the TensorRT-LLM checkpoint, under torchrun", serving="",
                 serving_absent="its ranks run one SPMD loop under torchrun, and a scheduler reacting to arrival "
                                "times would diverge across ranks; serve it with tp=pp=1 as torch-compiled"),
+    BackendSpec("tensorrt", "pipeline.backends.tensorrt:TensorRTBackend", ("fp32", "fp16", "bf16", "int8"), ("cuda",),
+                distributed=False, artifact="trt_engine", requires=("tensorrt",), options="tensorrt",
+                summary="a TensorRT engine of the exported ONNX decoder (stage build_engine, strongly typed), torch "
+                        "tensors as I/O buffers, KV cache kept on the GPU"),
+    BackendSpec("tensorrt-llm", "pipeline.backends.trtllm:TrtllmBackend", ("fp16", "bf16"), ("cuda",),
+                distributed=False, artifact="hf_weights", requires=("tensorrt_llm",), steps=False, own_parallelism=True, options="trtllm",
+                serving="continuous", summary="TensorRT-LLM's LLM API, PyTorch flow, on the Hugging Face weights "
+                                              "(in-flight batching, paged KV cache, tp x pp over its own workers)"),
+    BackendSpec("tensorrt-llm-engine", "pipeline.backends.trtllm:TrtllmEngineBackend", ("fp16", "bf16"), ("cuda",),
+                distributed=False, artifact="trtllm_engine", requires=("tensorrt_llm_engine",), steps=False,
+                own_parallelism=True, options="trtllm", serving="continuous",
+                summary="TensorRT-LLM <= 1.2 engines built by trtllm-build from the convert_trtllm checkpoint "
+                        "(stage build_trtllm_engine), run by the engine LLM API"),
 )}
 
 

@@ -18,9 +18,9 @@ from typing import Any
 from pipeline import artifacts, paths
 from pipeline.backends.registry import BackendSpec, spec
 from pipeline.benchmark import hardware, roofline
+from pipeline.benchmark.machine import environment_problem, model_shape
 from pipeline.config import PipelineConfig
 from pipeline.errors import PipelineError
-from pipeline.model.args import LlamaArgs
 from pipeline.parallel import launch
 from pipeline.progress import console
 
@@ -41,14 +41,6 @@ def artifact_dir(backend: BackendSpec, precision: str) -> Path:
         raise PipelineError(f"{art.path}: not built ({manifest.get('reason')}); backend {backend.name} needs it: "
                             f"add {art.convert_format} to convert.formats or drop {backend.name} from benchmark.backends")
     return art.path
-
-
-def model_shape(weights_dir: Path) -> dict[str, Any]:
-    """The model's shape (LlamaArgs as a dict) from the weights' config.json: the roofline's input."""
-    path = Path(weights_dir) / "config.json"
-    if not path.is_file():
-        raise PipelineError(f"{path}: missing; rerun the weights stage (dvc repro)")
-    return LlamaArgs.from_hf_config(json.loads(path.read_text()), source=str(path)).to_dict()
 
 
 def lm_head_quantized(precision: str, artifact: Path) -> bool:
@@ -83,6 +75,10 @@ def plan(cfg: PipelineConfig, vocab_size: int, names: list[str] | None = None, r
             skipped[name] = why
             console.print(f"[yellow]benchmark: skipping backend {name}: {why}[/yellow]")
             continue
+        # Asked for, declared able, but this machine lacks what it needs: fail now, before any worker starts.
+        problem = environment_problem(cfg, backend, shape)
+        if problem:
+            raise PipelineError(f"backend {name} cannot run here: {problem} (python -m pipeline doctor lists what can)")
         artifact = artifact_dir(backend, cfg.precision.name)
         if backend.distributed:
             manifest = artifacts.read_manifest(artifact)
@@ -92,7 +88,9 @@ def plan(cfg: PipelineConfig, vocab_size: int, names: list[str] | None = None, r
         jobs[name] = {
             "inputs": {"backend": name, "artifact": artifact.as_posix(), "precision": cfg.precision.name,
                        "device": cfg.hardware.device, "num_threads": cfg.hardware.num_threads,
-                       "compile": cfg.benchmark.compile, "compile_prefill": cfg.benchmark.compile_prefill},
+                       "compile": cfg.benchmark.compile, "compile_prefill": cfg.benchmark.compile_prefill,
+                       "tp": tp if backend.own_parallelism else 1, "pp": pp if backend.own_parallelism else 1,
+                       "options": cfg.dataclass_dict(backend.options) if backend.options else {}},
             "benchmark": dataclasses.asdict(cfg.benchmark), "vocab_size": vocab_size,
             "distributed": backend.distributed, "world_size": tp * pp if backend.distributed else 1,
             # The roofline's inputs: model shape, hardware figures (or measure them), how lm_head is stored.

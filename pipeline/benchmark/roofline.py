@@ -89,6 +89,11 @@ def weight_bytes(a: LlamaArgs, precision: str, batch: int, lm_head_quantized: bo
     return layers + lm_head + norms + embedding_rows
 
 
+def stored_weight_bytes(a: LlamaArgs, precision: str) -> int:
+    """Bytes the weights occupy on the device at `precision`: a decode step's read plus the whole embedding table."""
+    return weight_bytes(a, precision, batch=a.vocab_size)
+
+
 def kv_bytes(a: LlamaArgs, precision: str, batch: int, prompt_length: int, output_length: int) -> int:
     """KV cache read per decode step, averaged over the scenario's output_length - 1 steps: step k (1-based)
     attends prompt + k positions, so the mean length is prompt + output / 2; K and V, every layer and KV head,

@@ -9,6 +9,7 @@ from typing import Any
 from pipeline import artifacts
 
 
-def write_skipped(out_dir: Path, fmt: str, reason: str) -> dict[str, Any]:
+def write_skipped(out_dir: Path, fmt: str, reason: str, kind: str | None = None) -> dict[str, Any]:
+    """The manifest of an output that was not asked for (export_onnx_half and the engine stages use it too)."""
     with artifacts.atomic_dir(Path(out_dir)) as tmp:
-        return artifacts.write_manifest(tmp, kind=f"{fmt}-checkpoint", format=fmt, skipped=True, reason=reason)
+        return artifacts.write_manifest(tmp, kind=kind or f"{fmt}-checkpoint", format=fmt, skipped=True, reason=reason)

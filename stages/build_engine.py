@@ -1,0 +1,79 @@
+"""Stage `build_engine`: the ONNX decoder of precision.name -> artifacts/trt_engine (TensorRT plan, inspector
+layer JSON) with a persisted timing cache. It builds only when a backend asks for the engine (tensorrt in
+benchmark.backends or serving.backends) and can run precision.name; otherwise it records why it did not.
+Without TensorRT or a GPU it fails at once with doctor's reason, before writing anything."""
+
+from pipeline import artifacts, config, paths, requirements, tracking
+from pipeline.artifacts import atomic_write_json
+from pipeline.backends.registry import spec
+from pipeline.benchmark import machine
+from pipeline.convert import skip
+from pipeline.errors import PipelineError
+from stages._main import run
+
+BACKEND = "tensorrt"
+CACHE_README = ("TensorRT timing caches of stage build_engine, one per GPU model and TensorRT version "
+                "(<gpu>-trt<version>.cache). A persisted DVC output: kept across builds, so a rebuild times only "
+                "the layers it has not seen.\n")
+
+
+def _timing_cache_dir() -> None:
+    # DVC needs the (persisted) output to exist even when nothing was built or timed.
+    paths.TIMING_CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    (paths.TIMING_CACHE_DIR / "README.txt").write_text(CACHE_README)
+
+
+def main() -> None:
+    cfg = config.load(paths.PARAMS)
+    with tracking.stage_run("build_engine", cfg) as stage:
+        backend = spec(BACKEND)
+        why = (None if cfg.wants(BACKEND) else "no backend asks for it (add tensorrt to benchmark.backends or "
+               "serving.backends)") or backend.cannot_run(cfg.precision.name, cfg.hardware.device)
+        if why:
+            skip.write_skipped(paths.ENGINE_DIR, "tensorrt", why, kind="trt-engine")
+            atomic_write_json(paths.ENGINE_METRICS, {"skipped": True})
+            artifacts.atomic_write_text(paths.ENGINE_LOG, f"not built: {why}\n")
+            _timing_cache_dir()
+            return
+        shape = machine.model_shape(paths.WEIGHTS_DIR)
+        requirements.require("stage build_engine", requirements.STAGES["build_engine"],
+                             machine.backend_target(cfg, backend, shape))
+        import tensorrt as trt
+        import torch
+
+        from pipeline.engines import trt_build
+
+        source = paths.ARTIFACTS[trt_build.SOURCES[cfg.precision.name]]
+        manifest = artifacts.verify_manifest(source.path)
+        if manifest.get("skipped"):
+            raise PipelineError(f"{source.path}: not exported ({manifest.get('reason')}); set export.half="
+                                     f"{cfg.precision.name} and rerun dvc repro")
+        if cfg.precision.name in ("fp16", "bf16") and manifest.get("precision") != cfg.precision.name:
+            raise PipelineError(f"{source.path}: a {manifest.get('precision')} graph, precision.name is "
+                                     f"{cfg.precision.name}; set export.half={cfg.precision.name}")
+        gpu = torch.cuda.get_device_name(0)
+        settings = trt_build.settings(
+            cfg.dataclass_dict("tensorrt"), source.path / "model.onnx", num_layers=shape["num_layers"],
+            kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"],
+            timing_cache=trt_build.timing_cache_path(paths.TIMING_CACHE_DIR, gpu, trt.__version__))
+        with artifacts.atomic_dir(paths.ENGINE_DIR) as tmp:
+            metrics = trt_build.build(trt, settings, tmp, paths.ENGINE_LOG)
+            kv_dtype = manifest.get("dtype", "float32") if cfg.precision.name != "int8" else "float32"
+            artifacts.write_manifest(
+                tmp, kind="trt-engine", precision=cfg.precision.name, source=source.path.as_posix(),
+                source_manifest_sha256=artifacts.sha256_file(source.path / artifacts.MANIFEST),
+                profiles=cfg.tensorrt.profiles, num_layers=shape["num_layers"], kv_heads=shape["num_kv_heads"],
+                head_dim=shape["head_dim"], kv_dtype=kv_dtype, strip_plan=cfg.tensorrt.strip_plan,
+                refit_source=(source.path / "model.onnx").as_posix(), tensorrt_version=trt.__version__, gpu=gpu,
+                compute_capability=list(torch.cuda.get_device_capability(0)), flags=list(settings.set_flags),
+                metrics=metrics)
+        _timing_cache_dir()
+        atomic_write_json(paths.ENGINE_METRICS, metrics)
+        stage.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+        stage.log_manifest(paths.ENGINE_DIR)
+        stage.log_artifact(paths.ENGINE_LOG, "build_engine")
+        stage.set_tags({"tensorrt": trt.__version__, "gpu": gpu, "precision": cfg.precision.name})
+
+
+if __name__ == "__main__":
+    run(main)
