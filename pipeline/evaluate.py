@@ -124,21 +124,35 @@ def torch_logits(model_dir: Path, sequences: np.ndarray, precision: str = "fp32"
 
 
 def onnx_logits(onnx_path: Path, sequences: np.ndarray, num_threads: int = 0) -> np.ndarray:
-    """Logits of an exported decoder (fp32 or INT8 QDQ) through onnxruntime, empty past."""
+    """Logits of an exported decoder (fp32, fp16, bf16 or INT8 QDQ) through onnxruntime, empty past."""
     from pipeline.onnx_io import empty_past_feeds, ort_session
+
+    import tempfile
+
+    import onnx
+
+    from pipeline.export import widen_bf16
 
     onnx_path = Path(onnx_path)
     if not onnx_path.is_file():
         raise PipelineError(f"{onnx_path}: not found; run the stage that makes it (export or calibrate)")
-    session = ort_session(onnx_path, num_threads=num_threads)
-    past = empty_past_feeds(session, 1)
-    out = []
-    for seq in sequences:
-        t = len(seq)
-        feeds = {"input_ids": seq[None], "attention_mask": np.ones((1, t), np.int64),
-                 "position_ids": np.arange(t, dtype=np.int64)[None], **past}
-        out.append(session.run(["logits"], feeds)[0][0])
-    return np.stack(out)
+    with tempfile.TemporaryDirectory(prefix="eval-onnx-") as scratch:
+        graph = onnx.load(str(onnx_path), load_external_data=False).graph
+        if any(i.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16 for i in graph.input):
+            # onnxruntime's CPU provider has no bf16 kernels: score the bf16 weights widened to fp32 (exact).
+            model = onnx.load(str(onnx_path))
+            widen_bf16(model)
+            onnx_path = Path(scratch) / onnx_path.name
+            onnx.save_model(model, str(onnx_path), save_as_external_data=model.ByteSize() > 1 << 30)
+        session = ort_session(onnx_path, num_threads=num_threads)
+        past = empty_past_feeds(session, 1)
+        out = []
+        for seq in sequences:
+            t = len(seq)
+            feeds = {"input_ids": seq[None], "attention_mask": np.ones((1, t), np.int64),
+                     "position_ids": np.arange(t, dtype=np.int64)[None], **past}
+            out.append(session.run(["logits"], feeds)[0][0].astype(np.float32))
+        return np.stack(out)
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
