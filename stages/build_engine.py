@@ -8,7 +8,6 @@ from pipeline.artifacts import atomic_write_json
 from pipeline.backends.registry import spec
 from pipeline.benchmark import machine
 from pipeline.convert import skip
-from pipeline.errors import PipelineError
 from stages._main import run
 
 BACKEND = "tensorrt"
@@ -45,28 +44,18 @@ def main() -> None:
 
         source = paths.ARTIFACTS[trt_build.SOURCES[cfg.precision.name]]
         manifest = artifacts.verify_manifest(source.path)
-        if manifest.get("skipped"):
-            raise PipelineError(f"{source.path}: not exported ({manifest.get('reason')}); set export.half="
-                                     f"{cfg.precision.name} and rerun dvc repro")
-        if cfg.precision.name in ("fp16", "bf16") and manifest.get("precision") != cfg.precision.name:
-            raise PipelineError(f"{source.path}: a {manifest.get('precision')} graph, precision.name is "
-                                     f"{cfg.precision.name}; set export.half={cfg.precision.name}")
+        trt_build.check_source(manifest, source.path, cfg.precision.name)
         gpu = torch.cuda.get_device_name(0)
         settings = trt_build.settings(
             cfg.dataclass_dict("tensorrt"), source.path / "model.onnx", num_layers=shape["num_layers"],
             kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"],
             timing_cache=trt_build.timing_cache_path(paths.TIMING_CACHE_DIR, gpu, trt.__version__))
         with artifacts.atomic_dir(paths.ENGINE_DIR) as tmp:
-            metrics = trt_build.build(trt, settings, tmp, paths.ENGINE_LOG)
-            kv_dtype = manifest.get("dtype", "float32") if cfg.precision.name != "int8" else "float32"
-            artifacts.write_manifest(
-                tmp, kind="trt-engine", precision=cfg.precision.name, source=source.path.as_posix(),
-                source_manifest_sha256=artifacts.sha256_file(source.path / artifacts.MANIFEST),
-                profiles=cfg.tensorrt.profiles, num_layers=shape["num_layers"], kv_heads=shape["num_kv_heads"],
-                head_dim=shape["head_dim"], kv_dtype=kv_dtype, strip_plan=cfg.tensorrt.strip_plan,
-                refit_source=(source.path / "model.onnx").as_posix(), tensorrt_version=trt.__version__, gpu=gpu,
-                compute_capability=list(torch.cuda.get_device_capability(0)), flags=list(settings.set_flags),
-                metrics=metrics)
+            manifest = trt_build.build_artifact(
+                trt, settings, tmp, paths.ENGINE_LOG, precision=cfg.precision.name, source=source.path,
+                source_manifest=manifest, shape=shape, profiles=cfg.tensorrt.profiles,
+                strip_plan=cfg.tensorrt.strip_plan, gpu=gpu, capability=torch.cuda.get_device_capability(0))
+        metrics = manifest["metrics"]
         _timing_cache_dir()
         atomic_write_json(paths.ENGINE_METRICS, metrics)
         stage.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float))})

@@ -136,6 +136,7 @@ class ICudaEngine:
     def _load(self, onnx_path) -> None:
         import onnxruntime as ort
 
+        self.onnx_path = str(onnx_path)
         self.session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         self.io = {t.name: (TensorIOMode.INPUT, ORT_TYPES[t.type]) for t in inputs}
@@ -183,6 +184,9 @@ class ICudaEngine:
 
     def get_weight_streaming_automatic_budget(self) -> int:
         return 1 << 20
+
+    def create_engine_inspector(self) -> "EngineInspector":
+        return EngineInspector(self)
 
     def create_execution_context(self, strategy=ExecutionContextAllocationStrategy.STATIC) -> "IExecutionContext":
         # As TensorRT: the first context created selects profile 0 implicitly, the others none.
@@ -271,6 +275,26 @@ class IExecutionContext:
             _buffer(self.addresses[name], shape, engine.io[name][1])[...] = value
         engine.runs.append(Run(self, self.active_optimization_profile, dict(self.shapes), dict(self.addresses)))
         return True
+
+
+class LayerInformationFormat(enum.Enum):
+    ONELINE = 0
+    JSON = 1
+
+
+class EngineInspector:
+    """The engine inspector's JSON, as DETAILED verbosity shapes it: one layer per ONNX node (nothing fuses here)."""
+
+    def __init__(self, engine: ICudaEngine):
+        self.engine = engine
+
+    def get_engine_information(self, fmt: LayerInformationFormat) -> str:
+        import onnx
+
+        graph = onnx.load(self.engine.onnx_path, load_external_data=False).graph
+        layers = [{"Name": n.name, "LayerType": n.op_type} for n in graph.node]
+        return json.dumps({"Layers": layers, "Bindings": list(self.engine.io)}) if fmt is LayerInformationFormat.JSON \
+            else "\n".join(layer["Name"] for layer in layers)
 
 
 class Refitter:

@@ -1,16 +1,19 @@
-"""A stand-in for the builder half of the `tensorrt` module (TensorRT 10.12+ / 11 names), for tests on machines
-without TensorRT. It records every call and enforces what the real library would reject: a network not created
-strongly typed, a profile naming an input the ONNX graph lacks or giving it the wrong rank or fixed dims, a
-shape range that is not min <= opt <= max, a dynamic input left without a shape in some profile, precision
-flags (gone in TensorRT 11), set_timing_cache without its ignore_mismatch argument. The "plan" it builds is
-JSON describing what it was asked to build."""
+"""The builder half of a stand-in `tensorrt` module (TensorRT 10.12+ / 11 names), for tests on machines without
+TensorRT; its runtime half is tests/fake_tensorrt.py, which loads and runs the plans built here. It records
+every call and enforces what the real library would reject: a network not created strongly typed, a profile
+naming an input the ONNX graph lacks or giving it the wrong rank or fixed dims, a shape range that is not
+min <= opt <= max, a dynamic input left without a shape in some profile, precision flags (gone in TensorRT 11),
+set_timing_cache without its ignore_mismatch argument."""
 
 from __future__ import annotations
 
 import enum
-import json
 import types
-from pathlib import Path
+
+from tests import fake_tensorrt
+
+RUNTIME = ("Logger", "Runtime", "TensorIOMode", "ExecutionContextAllocationStrategy", "Refitter", "OnnxParserRefitter",
+           "LayerInformationFormat", "float32", "float16", "bfloat16", "int8", "int32", "int64", "bool")
 
 
 def make(version: str = "10.13.0", strongly_typed_value: int = 1, fail_build: bool = False,
@@ -45,13 +48,13 @@ def make(version: str = "10.13.0", strongly_typed_value: int = 1, fail_build: bo
     trt.HardwareCompatibilityLevel = enum.Enum("HardwareCompatibilityLevel", "NONE AMPERE_PLUS SAME_COMPUTE_CAPABILITY")
     # TensorRT 11's BuilderFlag: no FP16/BF16/INT8/FP8 members, so code setting them fails here as it would there.
     trt.BuilderFlag = enum.Enum("BuilderFlag", "TF32 REFIT STRIP_PLAN WEIGHT_STREAMING REFIT_IDENTICAL DEBUG")
-    trt.LayerInformationFormat = enum.Enum("LayerInformationFormat", "ONELINE JSON")
 
     class Network:
         def __init__(self, flags):
             if not flags & (1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)):
                 raise AssertionError("network not created STRONGLY_TYPED")
             self.inputs: dict[str, list] = {}
+            self.onnx = None
 
     class ParserError:
         def __init__(self, desc):
@@ -85,6 +88,7 @@ def make(version: str = "10.13.0", strongly_typed_value: int = 1, fail_build: bo
 
             calls.append(("parse_from_file", path))
             graph = onnx.load(path, load_external_data=False).graph
+            self.network.onnx = path
             for value in graph.input:
                 dims = [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
                 self.network.inputs[value.name] = dims
@@ -172,31 +176,13 @@ def make(version: str = "10.13.0", strongly_typed_value: int = 1, fail_build: bo
             if fail_build:
                 self.logger.log(_Severity.ERROR, "out of memory while timing tactics")
                 return None
-            return json.dumps({"profiles": config.profiles, "flags": sorted(config.flags)}).encode()
+            # A plan tests/fake_tensorrt.py runs: the graph and each profile's (batch, seq, past) ranges.
+            dims = {f"profile{i}": {"batch": [s[0] for s in p["input_ids"]], "seq": [s[1] for s in p["input_ids"]],
+                                    "past": [s[2] for s in p["past_key_values.0.key"]]}
+                    for i, p in enumerate(config.profiles)}
+            return fake_tensorrt.serialize_plan(network.onnx, dims, stripped="STRIP_PLAN" in config.flags)
 
-    class Inspector:
-        def get_engine_information(self, fmt):
-            calls.append(("inspector", fmt.name))
-            return json.dumps({"Layers": [{"Name": "gemm_0", "LayerType": "Gemm"},
-                                          {"Name": "attn_0", "LayerType": "kgen"}, {"Name": "gemm_1", "LayerType": "Gemm"}]})
-
-    class Engine:
-        device_memory_size_v2 = 4096
-
-        def create_engine_inspector(self):
-            return Inspector()
-
-    class Runtime:
-        def __init__(self, logger):
-            pass
-
-        def deserialize_cuda_engine(self, plan):
-            json.loads(bytes(plan))
-            return Engine()
-
-    trt.Builder, trt.OnnxParser, trt.Runtime = Builder, OnnxParser, Runtime
+    trt.Builder, trt.OnnxParser = Builder, OnnxParser
+    for name in RUNTIME:
+        setattr(trt, name, getattr(fake_tensorrt, name))
     return trt
-
-
-def plan(path: Path) -> dict:
-    return json.loads(Path(path).read_bytes())

@@ -67,6 +67,16 @@ def settings(section: Mapping[str, Any], onnx: Path, *, num_layers: int, kv_head
         timing_cache else None)
 
 
+def check_source(manifest: Mapping[str, Any], where: Path, precision: str) -> None:
+    """The ONNX graph must carry `precision`: a strongly typed network builds exactly what the graph says."""
+    if manifest.get("skipped"):
+        raise PipelineError(f"{where}: not exported ({manifest.get('reason')}); set export.half={precision} and "
+                            f"rerun dvc repro")
+    if precision in ("fp16", "bf16") and manifest.get("precision") != precision:
+        raise PipelineError(f"{where}: a {manifest.get('precision')} graph, precision.name is {precision}; set "
+                            f"export.half={precision} and rerun dvc repro")
+
+
 def timing_cache_path(cache_dir: Path, gpu_name: str, trt_version: str) -> Path:
     """One cache per GPU model and TensorRT version: entries are only valid for the pair that timed them."""
     slug = re.sub(r"[^a-z0-9]+", "-", gpu_name.lower()).strip("-")
@@ -199,3 +209,20 @@ def build(trt, s: BuildSettings, out_dir: Path, log_path: Path) -> dict[str, Any
                 "device_memory_bytes": int(getattr(engine, "device_memory_size_v2", 0)), **layer_summary(layers_json)}
     finally:
         logger.file.close()
+
+
+def build_artifact(trt, s: BuildSettings, out_dir: Path, log_path: Path, *, precision: str, source: Path,
+                   source_manifest: Mapping[str, Any], shape: Mapping[str, Any], profiles: Mapping[str, Any],
+                   strip_plan: bool, gpu: str, capability: tuple[int, int]) -> dict[str, Any]:
+    """build() into out_dir, then the manifest the tensorrt backend reads (pipeline/backends/tensorrt.py):
+    precision, profiles in index order, the KV cache's shape and dtype, where a stripped plan refits from."""
+    metrics = build(trt, s, out_dir, log_path)
+    # The past/present tensors carry the graph's float type: fp16/bf16 for the half export, fp32 otherwise
+    # (the INT8 graph quantizes only its MatMuls).
+    kv_dtype = source_manifest.get("dtype", "float32") if precision in ("fp16", "bf16") else "float32"
+    return artifacts.write_manifest(
+        out_dir, kind="trt-engine", precision=precision, source=Path(source).as_posix(),
+        source_manifest_sha256=artifacts.sha256_file(Path(source) / artifacts.MANIFEST), profiles=dict(profiles),
+        num_layers=shape["num_layers"], kv_heads=shape["num_kv_heads"], head_dim=shape["head_dim"],
+        kv_dtype=kv_dtype, strip_plan=strip_plan, refit_source=s.onnx.as_posix(), tensorrt_version=trt.__version__,
+        gpu=gpu, compute_capability=list(capability), flags=list(s.set_flags), metrics=metrics)
