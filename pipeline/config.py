@@ -644,6 +644,15 @@ class PipelineConfig:
         """Whether the benchmark or the serve stage is asked to run `backend` (engine stages build only then)."""
         return backend in self.benchmark.backends or backend in self.serving.backends
 
+    def engine_not_built(self, backend: str) -> Optional[str]:
+        """Why the stage building `backend`'s engine only records that it did not (None: it builds): no backend
+        asks for it, or the backend cannot run precision.name on hardware.device (it would be skipped)."""
+        spec = BACKENDS[backend]
+        if not self.wants(backend):
+            where = "benchmark.backends or serving.backends" if spec.steps else "serving.backends"
+            return f"no backend asks for it (add {backend} to {where})"
+        return spec.cannot_run(self.precision.name, self.hardware.device)
+
     def _check_engines(self) -> None:
         """Engines are built for fixed shapes: a benchmark or serving call they cannot take is rejected here."""
         if self.wants("tensorrt") and not BACKENDS["tensorrt"].cannot_run(self.precision.name, self.hardware.device):

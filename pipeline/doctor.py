@@ -152,10 +152,7 @@ def _not_requested(cfg: PipelineConfig, stage: str) -> Optional[str]:
     if stage == "export_onnx_half" and cfg.export.half is None:
         return "export.half is null"
     if stage in ENGINE_STAGES:
-        backend = BACKENDS[ENGINE_STAGES[stage]]
-        if not cfg.wants(backend.name):
-            return f"no backend asks for it (add {backend.name} to benchmark.backends or serving.backends)"
-        return backend.cannot_run(cfg.precision.name, cfg.hardware.device)
+        return cfg.engine_not_built(ENGINE_STAGES[stage])
     for fmt, name in (("ft", "convert_ft"), ("trtllm", "convert_trtllm")):
         if stage == name and fmt not in cfg.convert.formats:
             return f"convert.formats excludes {fmt}"

@@ -26,8 +26,7 @@ def main() -> None:
     cfg = config.load(paths.PARAMS)
     with tracking.stage_run("build_engine", cfg) as stage:
         backend = spec(BACKEND)
-        why = (None if cfg.wants(BACKEND) else "no backend asks for it (add tensorrt to benchmark.backends or "
-               "serving.backends)") or backend.cannot_run(cfg.precision.name, cfg.hardware.device)
+        why = cfg.engine_not_built(BACKEND)
         if why:
             skip.write_skipped(paths.ENGINE_DIR, "tensorrt", why, kind="trt-engine")
             atomic_write_json(paths.ENGINE_METRICS, {"skipped": True})

@@ -17,8 +17,7 @@ def main() -> None:
     cfg = config.load(paths.PARAMS)
     with tracking.stage_run("build_trtllm_engine", cfg) as stage:
         backend = spec(BACKEND)
-        why = (None if cfg.wants(BACKEND) else "no backend asks for it (add tensorrt-llm-engine to serving.backends)") \
-            or backend.cannot_run(cfg.precision.name, cfg.hardware.device)
+        why = cfg.engine_not_built(BACKEND)
         if why:
             skip.write_skipped(paths.TRTLLM_ENGINE_DIR, "trtllm", why, kind="trtllm-engine")
             atomic_write_json(paths.TRTLLM_ENGINE_METRICS, {"skipped": True})
