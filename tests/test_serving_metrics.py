@@ -167,7 +167,7 @@ class FakeEngine(RequestEngine):
         self.running[request.id] = [request.max_new_tokens, 0]
         self.peak_in_flight = max(self.peak_in_flight, len(self.running))
 
-    def step(self) -> list[Emitted]:
+    def step(self, timeout_s=None) -> list[Emitted]:
         self.clock.t += STEP_S
         self.steps += 1
         out = []
@@ -243,3 +243,47 @@ def test_closed_loop_keeps_concurrency_requests_in_flight(fake):
     assert [records[i].send_s for i in range(6)] == pytest.approx([0, 0, 0.01, 0.03, 0.03, 0.05])
     assert ends == pytest.approx([0.01, 0.03, 0.03, 0.05, 0.06, 0.07])
     assert serving_metrics(run.records, [50], {})["max_concurrency"] == 2
+
+
+def test_token_times_are_the_engine_stamps_when_it_gives_them_and_step_gets_the_time_to_the_next_arrival():
+    """An engine with threads of its own stamps each token when it arrived (Emitted.at, perf_counter): the
+    record keeps that time, not when step() returned; and step() is told how long until the next request is due."""
+    import time
+
+    class Stamping(RequestEngine):
+        def __init__(self):
+            self.left, self.timeouts = {}, []
+
+        def add_request(self, request):
+            self.left[request.id] = request.max_new_tokens
+
+        def step(self, timeout_s=None):
+            self.timeouts.append(timeout_s)
+            arrived = time.perf_counter()
+            time.sleep(0.03)  # the driving loop takes the tokens 30 ms after they arrived
+            out = []
+            for rid in list(self.left):
+                self.left[rid] -= 1
+                out.append(Emitted(rid, 7, self.left[rid] == 0, at=arrived))
+                if not self.left[rid]:
+                    del self.left[rid]
+            return out
+
+        def has_unfinished_requests(self):
+            return bool(self.left)
+
+        @property
+        def slots_in_use(self):
+            return len(self.left)
+
+    engine = Stamping()
+    t0 = time.perf_counter()
+    run = run_point(engine, [Request(0, (1,), 2), Request(1, (1,), 2)], LoadPoint("rate", 5.0), burstiness=1.0,
+                    seed=1)
+    first, second = run.records
+    # Each token is stamped 30 ms before step() returned: consecutive tokens of a request 30 ms apart, not 60.
+    assert first.token_s[1] - first.token_s[0] == pytest.approx(0.03, abs=0.01)
+    assert time.perf_counter() - t0 > second.token_s[-1] + 0.02
+    due = arrival_times(2, 5.0, 1.0, seed=1)
+    # While request 1 is due later, step() is told how long it may wait; once none is due, it is not bounded.
+    assert engine.timeouts[0] == pytest.approx(due[1] - first.send_s, abs=0.01) and engine.timeouts[-1] is None

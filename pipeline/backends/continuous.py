@@ -23,7 +23,7 @@ import heapq
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -75,7 +75,7 @@ class ContinuousBatchEngine(RequestEngine):
         return len(self.running)
 
     @torch.inference_mode()
-    def step(self) -> list[Emitted]:
+    def step(self, timeout_s: Optional[float] = None) -> list[Emitted]:
         if self.waiting and self.free:
             return self._prefill()
         if self.running:

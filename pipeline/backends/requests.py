@@ -18,7 +18,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -37,6 +37,9 @@ class Emitted:
     request_id: int
     token: int
     finished: bool
+    # time.perf_counter() when the token reached this process, for engines producing tokens in threads of their
+    # own (TensorRT-LLM); None = when step() returned it, the time the benchmark stamps otherwise.
+    at: Optional[float] = None
 
 
 @dataclass(frozen=True)
@@ -57,8 +60,11 @@ class RequestEngine(ABC):
         """Queue a request; it joins at the engine's next iteration it has room in."""
 
     @abstractmethod
-    def step(self) -> list[Emitted]:
-        """One iteration (a prefill, a decode step, or both); the tokens it produced, on the host."""
+    def step(self, timeout_s: Optional[float] = None) -> list[Emitted]:
+        """One iteration (a prefill, a decode step, or both); the tokens it produced, on the host. An engine
+        running its iterations in threads of its own returns what arrived, waiting at most `timeout_s` (the
+        time to the next arrival, so a request due meanwhile is added on time); one that computes in step()
+        itself runs its iteration whatever `timeout_s` says."""
 
     @abstractmethod
     def has_unfinished_requests(self) -> bool:
@@ -103,7 +109,7 @@ class StaticBatchEngine(RequestEngine):
         self.waiting = deque(r for r in self.waiting if r.id not in taken)
         return batch
 
-    def step(self) -> list[Emitted]:
+    def step(self, timeout_s: Optional[float] = None) -> list[Emitted]:
         if not self.batch:
             if not self.waiting:
                 return []

@@ -66,6 +66,7 @@ def run_point(engine: RequestEngine, requests: Sequence[Request], point: LoadPoi
         closed = deque(requests[first:])
     records = {r.id: RequestRecord(r.id, len(r.prompt), r.max_new_tokens, 0.0) for r in requests}
     slot_seconds, steps, t0 = 0.0, 0, clock()
+    perf0 = time.perf_counter()  # Emitted.at is on this clock
     now = 0.0
     while due or closed or engine.has_unfinished_requests():
         now = clock() - t0
@@ -78,12 +79,12 @@ def run_point(engine: RequestEngine, requests: Sequence[Request], point: LoadPoi
                 time.sleep(max(0.0, due[0][0] - (clock() - t0)))
             continue
         busy = engine.slots_in_use
-        emitted = engine.step()
+        emitted = engine.step(max(0.0, due[0][0] - now) if due else None)
         after = clock() - t0
         steps += 1
         slot_seconds += max(busy, engine.slots_in_use) * (after - now)
         for e in emitted:
-            records[e.request_id].token_s.append(after)
+            records[e.request_id].token_s.append(after if e.at is None else e.at - perf0)
             if e.finished:
                 if on_finish:
                     on_finish()
