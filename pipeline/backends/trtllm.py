@@ -40,11 +40,11 @@ import torch
 from pipeline.backends.base import Backend
 from pipeline.backends.requests import Emitted, EngineLimits, Request, RequestEngine
 from pipeline.errors import PipelineError
+from pipeline.precision import PRECISIONS
 from pipeline.requirements import PACKAGES
 
 # No token from the library for this long, with requests in flight, means a hung or dead worker.
 STEP_TIMEOUT_S = 600.0
-DTYPES = {"fp16": "float16", "bf16": "bfloat16"}  # precision.name -> the LLM's dtype (PyTorch flow)
 OPTION_KEYS = ("free_gpu_memory_fraction", "enable_block_reuse", "max_batch_size", "max_num_tokens", "cuda_graphs",
                "cuda_graph_max_batch_size", "build")
 ENGINE_BUILD_KEYS = ("max_batch_size", "max_num_tokens", "max_seq_len")
@@ -297,10 +297,8 @@ class _TrtllmBackend(Backend):
         if self._llm_class is None:
             self.load()
         self.close()  # a second engine replaces the first LLM
-        if self.precision not in DTYPES:
-            raise PipelineError(f"precision.name={self.precision}: backend {self.name} runs {', '.join(DTYPES)}")
-        kwargs = llm_kwargs(self.options(), limits, self.inputs.tp, self.inputs.pp, self.engine_flow,
-                            DTYPES[self.precision])
+        dtype = PRECISIONS[self.precision].long_name  # "float16" / "bfloat16": the LLM's dtype names
+        kwargs = llm_kwargs(self.options(), limits, self.inputs.tp, self.inputs.pp, self.engine_flow, dtype)
         t0 = time.perf_counter()
         try:
             self.llm = self._llm_class(str(self.artifact.resolve()), **config_objects(kwargs, self._llmapi))
