@@ -28,9 +28,7 @@ def main() -> None:
         backend = spec(BACKEND)
         why = cfg.engine_not_built(BACKEND)
         if why:
-            skip.write_skipped(paths.ENGINE_DIR, "tensorrt", why, kind="trt-engine")
-            atomic_write_json(paths.ENGINE_METRICS, {"skipped": True})
-            artifacts.atomic_write_text(paths.ENGINE_LOG, f"not built: {why}\n")
+            skip.write_not_built(paths.ENGINE_DIR, paths.ENGINE_METRICS, paths.ENGINE_LOG, "tensorrt", "trt-engine", why)
             _timing_cache_dir()
             return
         shape = machine.model_shape(paths.WEIGHTS_DIR)

@@ -19,9 +19,8 @@ def main() -> None:
         backend = spec(BACKEND)
         why = cfg.engine_not_built(BACKEND)
         if why:
-            skip.write_skipped(paths.TRTLLM_ENGINE_DIR, "trtllm", why, kind="trtllm-engine")
-            atomic_write_json(paths.TRTLLM_ENGINE_METRICS, {"skipped": True})
-            artifacts.atomic_write_text(paths.TRTLLM_ENGINE_LOG, f"not built: {why}\n")
+            skip.write_not_built(paths.TRTLLM_ENGINE_DIR, paths.TRTLLM_ENGINE_METRICS, paths.TRTLLM_ENGINE_LOG, "trtllm",
+                                 "trtllm-engine", why)
             return
         shape = machine.model_shape(paths.WEIGHTS_DIR)
         requirements.require("stage build_trtllm_engine", requirements.STAGES["build_trtllm_engine"],
