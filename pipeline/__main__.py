@@ -117,6 +117,29 @@ def _doctor(args: argparse.Namespace) -> int:
     return 0  # doctor reports what cannot run; it does not fail for it
 
 
+def _trtllm_bench(args: argparse.Namespace) -> int:
+    from pipeline import config, paths, requirements
+    from pipeline import trtllm_bench
+
+    cfg = config.load(args.params)
+    # Before anything is read or written: here (no GPU, no tensorrt_llm) this is the one line the user sees.
+    requirements.require("trtllm-bench", requirements.Needs(("tensorrt_llm",), gpu=True),
+                         requirements.Target(device="cuda", precision=cfg.precision.name,
+                                             gpus=cfg.parallel.world_size))
+    if args.engine_dir:  # trtllm-bench --backend tensorrt went with the engine flow after 1.2
+        requirements.require("trtllm-bench --engine-dir", requirements.Needs(("tensorrt_llm_engine",), gpu=True))
+    summary = trtllm_bench.run_all(cfg, paths.WEIGHTS_DIR, Path(args.output),
+                                   engine_dir=Path(args.engine_dir) if args.engine_dir else None)
+    for row in summary["points"]:
+        console.print(f"trtllm-bench {row['backend']:>19} {row['point']:>16}: {row['output_token_throughput']:>10.1f} "
+                      f"output tok/s, TTFT p99 {row.get('ttft_ms_p99', float('nan')):.1f} ms, TPOT p99 "
+                      f"{row.get('tpot_ms_p99', float('nan')):.2f} ms", highlight=False)
+    for key, why in summary["settings"]["skipped"].items():
+        console.print(f"[yellow]trtllm-bench: skipped {key}: {escape(why)}[/yellow]", highlight=False)
+    console.print(f"wrote {args.output}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     # The usage line names how the user started it: the `llama3-pipeline` console script or `python -m pipeline`.
     script = Path(sys.argv[0]).name
@@ -148,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--json", action="store_true", help="print the rows as JSON (on stdout) instead of tables")
     p.set_defaults(func=_doctor)
+    p = sub.add_parser("trtllm-bench", help="NVIDIA's trtllm-bench throughput on the serve stage's requests, "
+                       "its report in the serving metric names")
+    p.add_argument("--params", default="params.yaml")
+    p.add_argument("--engine-dir", help="a trtllm-build engine directory: run trtllm-bench's tensorrt backend "
+                   "(TensorRT-LLM <= 1.2) instead of the PyTorch flow on artifacts/weights")
+    p.add_argument("--output", default="metrics/trtllm_bench.json")
+    p.set_defaults(func=_trtllm_bench)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

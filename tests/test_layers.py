@@ -17,7 +17,7 @@ LAYERS = {
     4: ("runner",),
     5: ("backends",),
     6: ("config",),
-    7: ("lineage", "compose", "weights", "export", "calibrate", "evaluate", "verify_parallel", "benchmark"),
+    7: ("lineage", "compose", "weights", "export", "calibrate", "evaluate", "verify_parallel", "benchmark", "trtllm_bench"),
     8: ("tracking", "report"),
     9: ("__main__", "advise", "doctor"),
 }
