@@ -438,6 +438,7 @@ class VerifyConfig:
         return PRECISIONS[dtype].logits_atol
 
 
+# TensorRT's ProfilingVerbosity / HardwareCompatibilityLevel members, in lower case (trt_build upper-cases them).
 PROFILING_VERBOSITIES = ("detailed", "layer_names_only", "none")
 HARDWARE_COMPATIBILITY = ("none", "ampere_plus", "same_compute_capability")
 

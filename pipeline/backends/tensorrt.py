@@ -26,9 +26,9 @@ from pipeline.engines.profiles import DIMS, covering_profile
 from pipeline.engines.trt_build import PLAN_FILE
 from pipeline.errors import PipelineError
 from pipeline.onnx_io import input_names, output_names
+from pipeline.precision import BY_LONG_NAME, torch_dtype
 
 REBUILD = "rebuild it with `dvc repro build_engine`"
-KV_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 MANIFEST_FIELDS = ("precision", "profiles", "num_layers", "kv_heads", "head_dim", "kv_dtype")
 
 
@@ -109,7 +109,8 @@ class TensorRTBackend(Backend):
         self.dtypes = {n: dtypes[engine.get_tensor_dtype(n)] for n in names}
         self.past_names = input_names(self.num_layers)[3:]
         self.present_names = output_names(self.num_layers)[1:]
-        if self.dtypes[self.past_names[0]] != KV_DTYPES.get(self.kv_dtype):
+        kv = BY_LONG_NAME.get(self.kv_dtype)  # the precision table's "float16" -> fp16 -> torch.float16
+        if kv is None or self.dtypes[self.past_names[0]] != torch_dtype(kv):
             raise PipelineError(f"{manifest_path}: kv_dtype={self.kv_dtype} but the plan's past tensors are "
                                 f"{self.dtypes[self.past_names[0]]}; {REBUILD}")
 

@@ -24,9 +24,6 @@ SOURCES = {"fp32": "onnx", "fp16": "onnx_half", "bf16": "onnx_half", "int8": "on
 PLAN_FILE = "model.plan"
 LAYERS_FILE = "layers.json"   # the engine inspector's JSON: which layers fused, their tactics and precisions
 GIB = 1 << 30
-# params value -> TensorRT enum member
-VERBOSITY = {"detailed": "DETAILED", "layer_names_only": "LAYER_NAMES_ONLY", "none": "NONE"}
-COMPATIBILITY = {"none": "NONE", "ampere_plus": "AMPERE_PLUS", "same_compute_capability": "SAME_COMPUTE_CAPABILITY"}
 Shape = tuple[int, ...]
 
 
@@ -61,8 +58,9 @@ def settings(section: Mapping[str, Any], onnx: Path, *, num_layers: int, kv_head
         onnx=Path(onnx), workspace_bytes=int(section["workspace_gib"] * GIB),
         optimization_level=int(section["optimization_level"]), profiles=profiles, set_flags=tuple(flags),
         clear_flags=() if section["tf32"] else ("TF32",),
-        profiling_verbosity=VERBOSITY[section["profiling_verbosity"]],
-        hardware_compatibility=COMPATIBILITY[section["hardware_compatibility"]],
+        # The params values are the enum members' names in lower case (pipeline/config.py lists them).
+        profiling_verbosity=section["profiling_verbosity"].upper(),
+        hardware_compatibility=section["hardware_compatibility"].upper(),
         max_aux_streams=section["max_aux_streams"], timing_cache=Path(timing_cache) if section["timing_cache"] and
         timing_cache else None)
 
