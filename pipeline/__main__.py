@@ -9,20 +9,18 @@ from pathlib import Path
 
 from rich.markup import escape
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, one_line
 from pipeline.report import pareto
-from pipeline.progress import console
+from pipeline.progress import console, mask_output
 
 
 def _compose(args: argparse.Namespace) -> int:
-    import yaml
-
-    from pipeline import compose
+    from pipeline import compose, config
 
     raw = compose.compose_params(Path(args.conf), args.overrides)
     target = Path(args.output)
     if args.check:
-        current = yaml.safe_load(target.read_text()) if target.is_file() else None
+        current = config.read_yaml(target) if target.is_file() else None
         if current != raw:
             console.print(f"[red]{target} is stale:[/red] it differs from what conf/ composes to; "
                           f"run `python -m pipeline compose` and commit it")
@@ -141,6 +139,7 @@ def _trtllm_bench(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    mask_output()  # no credential in anything the CLI prints
     # The usage line names how the user started it: the `llama3-pipeline` console script or `python -m pipeline`.
     script = Path(sys.argv[0]).name
     prog = "python -m pipeline" if script in ("__main__.py", "-c") else script
@@ -183,6 +182,9 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except PipelineError as e:
         console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)  # messages hold '.[extra]' hints
+        return 1
+    except (OSError, UnicodeDecodeError) as e:  # foreseeable I/O faults no closer spot named: permissions, disk
+        console.print(f"[red]error:[/red] {escape(one_line(e))}", highlight=False)
         return 1
 
 

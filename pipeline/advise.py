@@ -17,10 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline import paths
-from pipeline.errors import PipelineError
+from pipeline import config, paths
+from pipeline.errors import PipelineError, read_text
 from pipeline.report import pareto
 from pipeline.report.inputs import SERVING_FIELDS
 
@@ -33,6 +31,9 @@ class Run:
     price_per_hour: float | None
 
 
+_RERUN = "rerun the serve stage (dvc repro serve)"
+
+
 def _records(text: str | None, where: str) -> list[dict[str, Any]] | None:
     if text is None:
         return None
@@ -42,8 +43,9 @@ def _records(text: str | None, where: str) -> list[dict[str, Any]] | None:
         raise PipelineError(f"{where}: a line is not valid JSON ({e}); rerun the serve stage (dvc repro serve)") from None
 
 
-def _price(params: dict[str, Any]) -> float | None:
-    value = (params.get("hardware") or {}).get("price_per_hour")
+def _price(params: Any) -> float | None:
+    hardware = params.get("hardware") if isinstance(params, dict) else None
+    value = hardware.get("price_per_hour") if isinstance(hardware, dict) else None
     return float(value) if isinstance(value, (int, float)) else None
 
 
@@ -67,9 +69,9 @@ def workspace_run(root: Path = Path(".")) -> Run | None:
         return None
     records = root / paths.SERVING_RECORDS
     params = root / paths.PARAMS
-    return Run("workspace", _parse("workspace", metrics.read_text(), str(metrics)),
-               _records(records.read_text(), str(records)) if records.is_file() else None,
-               _price(yaml.safe_load(params.read_text()) or {}) if params.is_file() else None)
+    return Run("workspace", _parse("workspace", read_text(metrics, _RERUN), str(metrics)),
+               _records(read_text(records, _RERUN), str(records)) if records.is_file() else None,
+               _price(config.read_yaml(params)) if params.is_file() else None)
 
 
 def experiment_runs(root: Path = Path(".")) -> list[Run]:
@@ -115,7 +117,7 @@ def file_run(path: Path) -> Run:
         raise PipelineError(f"{packed if not records.is_file() else records}: unreadable ({e})") from None
     # The last two folders name a result (e.g. run2/s_bf16_128) better than the whole path.
     source = "/".join(path.resolve().parent.parts[-2:])
-    return Run(source, _parse(str(path), path.read_text(), str(path)),
+    return Run(source, _parse(str(path), read_text(path, _RERUN), str(path)),
                _records(text, str(records if records.is_file() else packed)), None)
 
 

@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from pipeline import artifacts
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, read_text
 from pipeline.model.tokenizer import CORPUS
 from pipeline.onnx_io import MODEL_FILE
 from pipeline.progress import progress_bar
@@ -55,7 +55,7 @@ def load_calibration_text(corpus_path: Path = CORPUS, dataset: str | None = None
         corpus_path = Path(corpus_path)
         if not corpus_path.is_file():
             raise PipelineError(f"{corpus_path}: calibration text not found")
-        return corpus_path.read_text(encoding="utf-8")
+        return read_text(corpus_path, "save the calibration text as UTF-8")
     try:
         import datasets
     except ImportError:

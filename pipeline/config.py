@@ -8,6 +8,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import io
+import math
+import threading
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -20,7 +25,7 @@ from pipeline import paths
 from pipeline.backends.registry import BACKENDS
 from pipeline.engines.profiles import DIMS as ENGINE_DIMS
 from pipeline.engines.profiles import uncovered_calls
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, PipelineError, redact
 from pipeline.model.hf_config import SHAPE_KEYS
 from pipeline.parallel.mapping import CHECKPOINT_FORMATS, check_layout
 from pipeline.precision import FLOAT_PRECISIONS, PRECISIONS, STORAGE_DTYPES
@@ -29,6 +34,13 @@ SOURCES = ("preset", "local", "hub")
 DEVICES = ("cpu", "cuda")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
 TOKENIZERS = ("embedded", "source")
+# The settings where an infinite number means something (every request at once); everywhere else inf is rejected.
+ALLOWS_INF = ("serving.request_rates",)
+
+
+def allows_inf(key: str) -> bool:
+    """Whether the setting `key` (list items as key[i]) may be inf."""
+    return key.split("[")[0] in ALLOWS_INF
 
 
 def _fail(key: str, problem: str) -> None:
@@ -43,6 +55,17 @@ def _check_positive(key: str, value: int | float, minimum: int | float = 1) -> N
 def _check_finite_positive(key: str, value: int | float) -> None:
     if not 1 <= value < float("inf"):
         _fail(key, f"must be >= 1, got {value}")
+
+
+def _check_timeout(key: str, value: float) -> None:
+    # Past threading.TIMEOUT_MAX (about 292 years) socket and thread waits raise OverflowError.
+    if not 0 < value <= threading.TIMEOUT_MAX:
+        _fail(key, f"must be > 0 seconds and at most {threading.TIMEOUT_MAX:.0f}, got {value}")
+
+
+def _check_seed(key: str, value: int) -> None:
+    # numpy's default_rng refuses negative seeds; torch would wrap them silently.
+    _check_positive(key, value, 0)
 
 
 def _check_choice(key: str, value: Any, allowed) -> None:
@@ -99,6 +122,7 @@ class ModelConfig:
 
     def validate(self) -> None:
         _check_choice("model.source", self.source, SOURCES)
+        _check_seed("model.seed", self.seed)
         _check_positive("model.train_steps", self.train_steps, 0)
         if self.train_lr <= 0:
             _fail("model.train_lr", f"must be > 0, got {self.train_lr}")
@@ -126,6 +150,10 @@ class ModelConfig:
                 _check_positive(f"model.{key}", value)
         if self.num_heads and self.hidden_size and self.hidden_size % self.num_heads:
             _fail("model.num_heads", f"must divide model.hidden_size={self.hidden_size}, got {self.num_heads}")
+        if self.num_heads and self.hidden_size and (self.hidden_size // self.num_heads) % 2:
+            # RoPE rotates pairs of dimensions (Hugging Face refuses to build such a model).
+            _fail("model.num_heads", f"gives a head dimension {self.hidden_size // self.num_heads} (model.hidden_size="
+                  f"{self.hidden_size} / {self.num_heads}); it must be even for rotary embeddings")
         if self.num_heads and self.num_kv_heads and self.num_heads % self.num_kv_heads:
             _fail("model.num_kv_heads", f"must divide model.num_heads={self.num_heads} (grouped-query attention), got {self.num_kv_heads}")
         if self.rope_theta <= 0:
@@ -175,8 +203,10 @@ class BenchmarkConfig:
     # torch-compiled: also compile the prefill forward (inductor, no CUDA graph), once per (batch, prompt length)
     # before its first timed use; its compile time is reported with the decode step's, never in TTFT.
     compile_prefill: bool = False
+    timeout_s: float = 1800.0  # per backend (load, compile, every scenario); past it the worker is stopped, failed
 
     def validate(self) -> None:
+        _check_timeout("benchmark.timeout_s", self.timeout_s)
         if not self.backends:
             _fail("benchmark.backends", f"must name at least one backend ({', '.join(BACKENDS)})")
         for i, name in enumerate(self.backends):
@@ -193,6 +223,7 @@ class BenchmarkConfig:
         _check_positive("benchmark.output_length", self.output_length, 2)
         _check_positive("benchmark.warmup_runs", self.warmup_runs, 0)
         _check_positive("benchmark.measured_runs", self.measured_runs, 1)
+        _check_seed("benchmark.seed", self.seed)
         _check_choice("benchmark.compile", self.compile, ("auto", "inductor", "eager"))
         if not isinstance(self.compile_prefill, bool):
             _fail("benchmark.compile_prefill", f"must be true or false; got {self.compile_prefill!r}")
@@ -226,8 +257,10 @@ class ServingConfig:
     # default here could never be removed by params.yaml; conf/serving/*.yaml sets {ttft_ms: 200, tpot_ms: 50}.
     slo: dict[str, float] = field(default_factory=dict)
     seed: int = 0
+    timeout_s: float = 1800.0  # per backend (load, compile, every load point); past it the worker is stopped, failed
 
     def validate(self) -> None:
+        _check_timeout("serving.timeout_s", self.timeout_s)
         for i, name in enumerate(self.backends):
             _check_choice(f"serving.backends[{i}]", name, tuple(BACKENDS))
         if len(set(self.backends)) != len(self.backends):
@@ -238,6 +271,7 @@ class ServingConfig:
         for key in ("input_len", "output_len", "num_requests", "max_num_seqs", "max_num_batched_tokens"):
             _check_finite_positive(f"serving.{key}", getattr(self, key))
         _check_positive("serving.warmup_requests", self.warmup_requests, 0)
+        _check_seed("serving.seed", self.seed)
         if self.sharegpt_output_len is not None:
             _check_finite_positive("serving.sharegpt_output_len", self.sharegpt_output_len)
         if not 0 <= self.range_ratio < 1:
@@ -326,6 +360,7 @@ class CalibrationConfig:
 
     def validate(self) -> None:
         _check_choice("calibration.method", self.method, CALIBRATION_METHODS)
+        _check_seed("calibration.seed", self.seed)
         for key in ("num_samples", "seq_len", "batch_size"):
             _check_positive(f"calibration.{key}", getattr(self, key))
         if not self.op_types:
@@ -421,14 +456,14 @@ class VerifyConfig:
     def validate(self) -> None:
         for key in ("num_prompts", "prompt_length", "max_new_tokens"):
             _check_positive(f"verify.{key}", getattr(self, key))
+        _check_seed("verify.seed", self.seed)
         if self.max_abs_diff is not None and not self.max_abs_diff > 0:
             _fail("verify.max_abs_diff", f"must be > 0 or null, got {self.max_abs_diff}")
 
         if not 0 <= self.min_top1 <= 1:
             _fail("verify.min_top1", f"must be in [0, 1], got {self.min_top1}")
         _check_choice("verify.on_fail", self.on_fail, ("error", "warn"))
-        if self.timeout_s <= 0:
-            _fail("verify.timeout_s", f"must be > 0, got {self.timeout_s}")
+        _check_timeout("verify.timeout_s", self.timeout_s)
 
     def atol(self, dtype: str) -> float | None:
         """Logits gate for a checkpoint of `dtype`: verify.max_abs_diff for fp32 when set, else the precision
@@ -586,8 +621,7 @@ class TrackingConfig:
     def validate(self) -> None:
         if not self.experiment:
             _fail("tracking.experiment", "must be a non-empty experiment name")
-        if self.timeout_s <= 0:
-            _fail("tracking.timeout_s", f"must be > 0, got {self.timeout_s}")
+        _check_timeout("tracking.timeout_s", self.timeout_s)
 
 
 @dataclass
@@ -608,6 +642,7 @@ class PipelineConfig:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
 
     def validate(self) -> None:
+        self._check_no_credentials()
         for section in (self.model, self.precision, self.parallel, self.benchmark, self.serving, self.export, self.calibration,
                         self.evaluate, self.convert, self.verify, self.tensorrt, self.trtllm, self.hardware,
                         self.tracking):
@@ -694,6 +729,18 @@ class PipelineConfig:
             if why:
                 _fail(f"serving.backends[{i}]", why)
 
+    def _check_no_credentials(self) -> None:
+        """Credentials in params.yaml would be committed with it, kept in every DVC experiment commit and, for
+        the sections stages declare, in dvc.lock: they come from the environment only (errors.redact says
+        what a credential looks like: URL userinfo, a token query parameter, a secret variable's value)."""
+        for key, value in flatten(self.to_dict()).items():
+            for item in value if isinstance(value, list) else [value]:
+                if isinstance(item, str) and redact(item) != item:
+                    _fail(key, f"holds credentials ({redact(item)}); params.yaml is committed and recorded by DVC "
+                          f"experiments, so give them in the environment instead: MLFLOW_TRACKING_USERNAME and "
+                          f"MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) for tracking.uri, or the whole URI "
+                          f"in MLFLOW_TRACKING_URI; HF_TOKEN for the hub")
+
     def _check_backends(self) -> None:
         """What the backend registry declares: a precision x device that none of benchmark.backends can run is
         rejected here, not inside the benchmark; a backend whose artifact convert.formats leaves out too.
@@ -728,10 +775,12 @@ class PipelineConfig:
 
 def from_dict(raw: Any, source: str = "params.yaml") -> PipelineConfig:
     """Validate a plain dict against the schema. Errors read `<source>: <key> <problem>`."""
+    if raw is None:
+        raise ConfigError(f"{source}: is empty; run `python -m pipeline compose` to write it from conf/")
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        _reject_unknown_keys(raw, PipelineConfig, "")
+        _check_raw(raw, PipelineConfig, "")
         merged = OmegaConf.merge(OmegaConf.structured(PipelineConfig), raw)
         cfg = OmegaConf.to_object(merged)
         cfg.validate()
@@ -747,15 +796,86 @@ def from_dict(raw: Any, source: str = "params.yaml") -> PipelineConfig:
         raise ConfigError(f"{source}: {getattr(e, 'full_key', '?')}: {str(e).splitlines()[0]}") from None
 
 
-def _reject_unknown_keys(raw: dict, schema: type, prefix: str) -> None:
-    fields = {f.name: f for f in dataclasses.fields(schema)}
+def _check_raw(raw: dict, schema: type, prefix: str) -> None:
+    """Unknown keys and the type of every value, before OmegaConf merges them: OmegaConf turns 2 into true and
+    5 into '5', accepts NaN and inf for any float, and words a list given for a mapping without the key."""
+    hints = _hints(schema)
     for key, value in raw.items():
         dotted = f"{prefix}{key}"
-        if key not in fields:
+        if key not in hints:
             raise ConfigError(unknown_key_message(dotted))
-        nested = _dataclass_type(fields[key].type)
-        if nested is not None and isinstance(value, dict):
-            _reject_unknown_keys(value, nested, f"{dotted}.")
+        _check_value(value, hints[key], dotted)
+
+
+def check_setting(dotted: str, value: Any) -> None:
+    """One setting (a Hydra override's key and value) against the schema: unknown key or wrong type."""
+    hint: Any = PipelineConfig
+    for part in dotted.split("."):
+        if typing.get_origin(hint) is typing.Union:
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        if dataclasses.is_dataclass(hint) and part in _hints(hint):
+            hint = _hints(hint)[part]
+        elif typing.get_origin(hint) is dict:
+            hint = typing.get_args(hint)[1]
+        else:
+            raise ConfigError(unknown_key_message(dotted))
+    _check_value(value, hint, dotted)
+
+
+@functools.cache
+def _hints(schema: type) -> dict[str, Any]:
+    return typing.get_type_hints(schema)
+
+
+def _wrong_type(key: str, expected: str, value: Any) -> None:
+    shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+    _fail(key, f"has the wrong type: must be {expected}, got {shown} ({type(value).__name__})")
+
+
+def _check_value(value: Any, hint: Any, key: str) -> None:
+    if isinstance(value, str) and (value == "???" or "${" in value):
+        return  # OmegaConf's mandatory-value marker or an interpolation: the merge resolves or reports it
+    if typing.get_origin(hint) is typing.Union:  # Optional[X]
+        if value is None:
+            return
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    if value is None:
+        _fail(key, "must be set; null is not allowed here")
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            _wrong_type(key, "a mapping", value)
+        _check_raw(value, hint, f"{key}.")
+    elif origin is list:
+        if not isinstance(value, list):
+            _wrong_type(key, "a list", value)
+        for i, item in enumerate(value):
+            _check_value(item, args[0], f"{key}[{i}]")
+    elif origin is dict:
+        if not isinstance(value, dict):
+            _wrong_type(key, "a mapping", value)
+        for name, item in value.items():
+            _check_value(item, args[1], f"{key}.{name}")
+    elif hint is bool:
+        if not isinstance(value, bool):
+            _wrong_type(key, "true or false", value)
+    elif hint is str:
+        if not isinstance(value, str):
+            _wrong_type(key, "a string (quote a value that YAML would read as a number or boolean)", value)
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            _wrong_type(key, "an integer", value)
+        if abs(value) >= 2**63:  # past int64, torch and numpy overflow
+            _fail(key, f"is out of range (it must fit in 64 bits), got {value}")
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _wrong_type(key, "a number", value)
+        if isinstance(value, int) and abs(value) >= 2**63:
+            _fail(key, f"is out of range, got {value}")
+        if math.isnan(value):
+            _fail(key, "must be a number, got nan")
+        if math.isinf(value) and not allows_inf(key):
+            _fail(key, f"must be finite, got {value}")
 
 
 def schema_keys(schema: type = None, prefix: str = "") -> list[str]:
@@ -793,16 +913,43 @@ def _dataclass_type(annotation: Any) -> type | None:
     return candidate if dataclasses.is_dataclass(candidate) else None
 
 
+def yaml_error(e: yaml.YAMLError, name: str) -> str:
+    """`file:line:column: not valid YAML: problem (context)`, 1-based as editors count, from PyYAML's marks."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    where = f"{mark.name if mark.name and not mark.name.startswith('<') else name}:{mark.line + 1}:{mark.column + 1}" \
+        if mark is not None else name
+    return f"{where}: not valid YAML: {problem}" + (f" ({context})" if context else "")
+
+
+def read_yaml(path: str | Path) -> Any:
+    """A YAML file as plain data, read as OmegaConf reads conf/ (so `1e-5` is a number and a duplicate key is an
+    error, not silently the last value); every failure is one ConfigError line naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    if not text.strip():
+        return None
+    try:
+        data = OmegaConf.load(io.StringIO(text))
+    except yaml.YAMLError as e:
+        raise ConfigError(yaml_error(e, str(path))) from None
+    except OSError:  # OmegaConf refuses a document that is a bare number or boolean
+        raise ConfigError(f"{path}: expected a mapping at the top level") from None
+    return OmegaConf.to_container(data, resolve=False)
+
+
 def load(path: str | Path = "params.yaml") -> PipelineConfig:
     """Read and validate params.yaml. Stages call this first, before touching any output."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: not found; run `python -m pipeline compose` to write it from conf/")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
-    return from_dict(raw, source=str(path))
+    return from_dict(read_yaml(path), source=str(path))
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -236,7 +236,7 @@ def stage_order(dvc_yaml: Path = DVC_YAML) -> list[str]:
     """STAGES in dvc.yaml's order; stages dvc.yaml does not (yet) list follow in STAGES' order."""
     try:
         listed = list((yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages", {}))
-    except (OSError, yaml.YAMLError):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):  # an unreadable dvc.yaml only loses the order
         listed = []
     return [s for s in listed if s in STAGES] + [s for s in STAGES if s not in listed]
 

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, read_text
 from pipeline.model.tokenizer import HELDOUT
 from pipeline.precision import WEIGHT_QUANT_PRECISIONS
 
@@ -73,7 +73,8 @@ def heldout_sequences(model_dir: Path, *, seq_len: int = 64, max_sequences: int 
         return random_token_ids(model_dir, (max_sequences or RANDOM_SEQUENCES, seq_len), seed)
     if not text_path.is_file():
         raise PipelineError(f"{text_path}: held-out text not found")
-    ids = np.asarray(load_tokenizer(model_dir)(text_path.read_text(encoding="utf-8")).input_ids, dtype=np.int64)
+    text = read_text(text_path, "save the held-out text as UTF-8")
+    ids = np.asarray(load_tokenizer(model_dir)(text).input_ids, dtype=np.int64)
     n = len(ids) // seq_len
     if max_sequences is not None:
         n = min(n, max_sequences)

@@ -41,16 +41,16 @@ import shutil
 import tempfile
 import threading
 import time
-import urllib.error
-import urllib.request
+import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import lineage, paths
+from pipeline import artifacts, lineage, paths
 from pipeline.config import PipelineConfig, TrackingConfig, flatten
+from pipeline.errors import redact
 from pipeline.progress import console
 from pipeline.report import headline
 
@@ -158,7 +158,7 @@ def stage_run(stage: str, cfg: PipelineConfig) -> Iterator[StageRun]:
     try:
         yield run
     except BaseException as e:
-        record.status, record.error = "FAILED", _redact(f"{type(e).__name__}: {e}")
+        record.status, record.error = "FAILED", redact(f"{type(e).__name__}: {e}")
         record.tags["error"] = record.error[:5000]
         raise
     else:
@@ -211,7 +211,7 @@ def _config_text(cfg: PipelineConfig) -> str:
 
         text = "# params.yaml not found; the config this stage ran with:\n"
         text += yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-    return _redact(text)
+    return redact(text)
 
 
 class SystemSampler:
@@ -298,23 +298,67 @@ def resolve_uri(tracking: TrackingConfig) -> str:
     return uri or f"sqlite:///{lineage.project_root() / 'mlflow.db'}"
 
 
+# Credentials for the tracking server come from the environment, the way MLflow reads them
+# (MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD or MLFLOW_TRACKING_TOKEN, or ~/.mlflow/credentials);
+# params.yaml refuses them (pipeline/config.py). MLFLOW_TRACKING_URI may carry user:password@ (it is not
+# committed): `_client_uri` moves them into those variables for the publish only.
+CREDENTIAL_VARS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
+
+
+@contextlib.contextmanager
+def _client_uri(uri: str) -> Iterator[str]:
+    """The URI handed to MLflow (and the health probe): an http(s) URI without userinfo, query or fragment.
+    MLflow appends its API paths to the URI and sends credentials only as an Authorization header, so a
+    query string would break every request and userinfo would be ignored (and printed in its errors). The
+    userinfo becomes MLFLOW_TRACKING_USERNAME/PASSWORD in this process while the block runs, never logged
+    (errors.redact masks them in any text while they are set)."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        yield uri
+        return
+    host = parts.netloc.rpartition("@")[2]
+    saved = {k: os.environ.get(k) for k in CREDENTIAL_VARS}
+    if "@" in parts.netloc:
+        user, _, password = parts.netloc.rpartition("@")[0].partition(":")
+        os.environ.update(zip(CREDENTIAL_VARS, (urllib.parse.unquote(user), urllib.parse.unquote(password))))
+    try:
+        yield urllib.parse.urlunsplit((parts.scheme, host, parts.path.rstrip("/"), "", ""))
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def _check_reachable(uri: str, timeout_s: float) -> None:
+    """GET /health with MLflow's own HTTP client and credentials (basic auth, bearer token, TLS settings), so
+    the probe succeeds exactly when the client will. `uri` is a `_client_uri`."""
     if not uri.startswith(("http://", "https://")):
         return
+    from mlflow.utils.credentials import get_default_host_creds
+    from mlflow.utils.rest_utils import http_request
+
     try:
-        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout_s) as response:
-            if response.status != 200:
-                raise ConnectionError(f"/health answered {response.status}")
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        raise ConnectionError(f"{_redact(uri)} unreachable ({_redact(str(getattr(e, 'reason', e)))})") from None
+        response = http_request(get_default_host_creds(uri), "/health", "GET", max_retries=0, backoff_factor=0,
+                                timeout=timeout_s, raise_on_status=False)
+    except Exception as e:
+        # MLflow wraps the requests error in a long message; the OS error at its end is what says why.
+        cause = re.findall(r"\[Errno -?\d+\][^'\")]*|(?:Read |Connect )?timed out", str(e))
+        raise ConnectionError(f"{redact(uri)} unreachable ({redact(cause[-1]) if cause else _first_line(e)})") from None
+    if response.status_code in (401, 403):
+        raise ConnectionError(f"{redact(uri)} refused the credentials (HTTP {response.status_code}); set "
+                              f"MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)")
+    if response.status_code != 200:
+        raise ConnectionError(f"{redact(uri)}/health answered HTTP {response.status_code}")
 
 
 def publish_or_defer(record: StageRecord, tracking: TrackingConfig) -> None:
-    uri = resolve_uri(tracking)
     try:
-        _check_reachable(uri, tracking.timeout_s)
-        run_id = publish(record, tracking.experiment, uri, tracking.timeout_s)
-        console.print(f"[dim]mlflow: stage '{record.stage}' logged as run {run_id} at {_redact(uri)}[/dim]")
+        with _client_uri(resolve_uri(tracking)) as uri:
+            _check_reachable(uri, tracking.timeout_s)
+            run_id = publish(record, tracking.experiment, uri, tracking.timeout_s)
+        console.print(f"[dim]mlflow: stage '{record.stage}' logged as run {run_id} at {redact(uri)}[/dim]")
     except Exception as e:
         where = save_pending(record)
         console.print(f"[yellow]warning: MLflow tracking failed ({_first_line(e)}); the stage's outputs are written "
@@ -322,16 +366,8 @@ def publish_or_defer(record: StageRecord, tracking: TrackingConfig) -> None:
                       f"reachable.[/yellow]")
 
 
-_CREDENTIALS = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/\s]+@")
-
-
-def _redact(text: str) -> str:
-    # A URI may carry credentials (https://user:token@host); never print or log them.
-    return _CREDENTIALS.sub(r"\1***@", text)
-
-
 def _first_line(e: BaseException) -> str:
-    return _redact(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e).strip() else ''}")
+    return redact(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e).strip() else ''}")
 
 
 def _configure_client_env(timeout_s: float) -> None:
@@ -355,7 +391,7 @@ def _experiment_id(client, name: str, uri: str) -> str:
 def _params(record: StageRecord) -> list:
     from mlflow.entities import Param
 
-    return [Param(k, (json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:MAX_PARAM_LENGTH])
+    return [Param(k, redact(json.dumps(v) if isinstance(v, (list, dict)) else str(v))[:MAX_PARAM_LENGTH])
             for k, v in sorted(record.params.items())]
 
 
@@ -378,7 +414,8 @@ def _parent_run(client, experiment_id: str, record: StageRecord, git_tags: dict[
     if found:
         return found[0].info.run_id
     tags = {INVOCATION_TAG: record.invocation, "pipeline.kind": "invocation", MLFLOW_RUN_NAME: record.invocation_name,
-            **{k: record.tags[k] for k in ("pipeline.command", "dvc.exp_name", "pipeline.params") if k in record.tags},
+            **{k: redact(record.tags[k]) for k in ("pipeline.command", "dvc.exp_name", "pipeline.params")
+               if k in record.tags},
             **git_tags}
     run = client.create_run(experiment_id, start_time=record.start_ms, run_name=record.invocation_name, tags=tags)
     try:
@@ -417,7 +454,7 @@ def publish(record: StageRecord, experiment: str, uri: str, timeout_s: float = 5
     experiment_id = _experiment_id(client, experiment, uri)
     git_tags = {k: v for k, v in record.tags.items() if k.startswith("git.")}
     parent_id = _parent_run(client, experiment_id, record, git_tags)
-    tags = {k: str(v) for k, v in record.tags.items()}
+    tags = {k: redact(str(v)) for k, v in record.tags.items()}
     tags["pipeline.kind"] = "stage"
     if parent_id:
         tags[MLFLOW_PARENT_RUN_ID] = parent_id
@@ -456,20 +493,20 @@ def save_pending(record: StageRecord) -> Path:
     """Keep the record and copies of its artifacts (later runs may overwrite the originals)."""
     root = lineage.project_root() / PENDING_DIR
     name = f"{time.strftime('%Y%m%d-%H%M%S')}-{record.stage}-{uuid.uuid4().hex[:8]}"
-    partial = root / f"{name}.partial"
-    (partial / "artifacts").mkdir(parents=True)
-    saved = []
-    for i, artifact in enumerate(record.artifacts):
-        src = Path(artifact["path"])
-        if src.is_file():
-            copy = partial / "artifacts" / f"{i:03d}" / src.name
-            copy.parent.mkdir()
-            shutil.copy2(src, copy)
-            saved.append({"path": str(copy.relative_to(partial)), "dir": artifact["dir"]})
-    data = record.to_json()
-    data["artifacts"] = saved
-    (partial / "record.json").write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(partial, root / name)
+    # atomic_dir: a record half-saved by a killed stage stays an unlocked `.partial`, which the next stage sweeps.
+    with artifacts.atomic_dir(root / name) as partial:
+        (partial / "artifacts").mkdir()
+        saved = []
+        for i, artifact in enumerate(record.artifacts):
+            src = Path(artifact["path"])
+            if src.is_file():
+                copy = partial / "artifacts" / f"{i:03d}" / src.name
+                copy.parent.mkdir()
+                shutil.copy2(src, copy)
+                saved.append({"path": str(copy.relative_to(partial)), "dir": artifact["dir"]})
+        data = record.to_json()
+        data["artifacts"] = saved
+        (partial / "record.json").write_text(redact(json.dumps(data, indent=2)) + "\n")
     return root / name
 
 
@@ -480,8 +517,12 @@ def pending_records(root: Path | None = None) -> list[Path]:
 
 def backfill(tracking: TrackingConfig) -> tuple[int, int]:
     """Publish every pending record; returns (published, still pending)."""
-    uri = resolve_uri(tracking)
-    _check_reachable(uri, tracking.timeout_s)
+    with _client_uri(resolve_uri(tracking)) as uri:
+        _check_reachable(uri, tracking.timeout_s)
+        return _backfill(tracking, uri)
+
+
+def _backfill(tracking: TrackingConfig, uri: str) -> tuple[int, int]:
     done = 0
     records = pending_records()
     for folder in records:

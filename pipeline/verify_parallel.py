@@ -48,29 +48,30 @@ def gate(result: dict[str, Any], dtype: str, cfg: PipelineConfig) -> tuple[bool,
 def verify_all(cfg: PipelineConfig, weights_dir: Path, checkpoints: dict[str, Path]) -> dict[str, Any]:
     from pipeline.runner.verify import verify
 
-    artifacts.verify_manifest(weights_dir)
-    vocab = artifacts.read_manifest(weights_dir)["shape"]["vocab_size"]
+    vocab = artifacts.manifest_field(weights_dir, artifacts.verify_manifest(weights_dir), "shape.vocab_size")
     prompts = verification_prompts(cfg, vocab)
     backend = _distributed_backend(cfg)
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     metrics: dict[str, Any] = {}
     failures = []
-    for fmt in cfg.convert.formats:
+    # Every input verified before the first (minutes-long) torchrun, so a damaged one fails the stage at once.
+    manifests = {fmt: artifacts.verify_manifest(checkpoints[fmt]) for fmt in cfg.convert.formats}
+    for fmt, manifest in manifests.items():
         ckpt = checkpoints[fmt]
-        manifest = artifacts.verify_manifest(ckpt)
         if (manifest.get("tp"), manifest.get("pp")) != (tp, pp):
             raise PipelineError(f"{ckpt}: converted for tp={manifest.get('tp')} pp={manifest.get('pp')}, params.yaml "
                                 f"asks tp={tp} pp={pp}; rerun convert_{fmt} (dvc repro)")
+        dtype = artifacts.manifest_field(ckpt, manifest, "dtype", str)
         console.print(f"verify {fmt}: tp={tp} pp={pp} on {backend} ({tp * pp} ranks)")
         result = verify(fmt, ckpt, weights_dir, tp, pp, prompts, cfg.verify.max_new_tokens, backend=backend,
                         timeout_s=cfg.verify.timeout_s)
-        passed, why = gate(result, manifest["dtype"], cfg)
+        passed, why = gate(result, dtype, cfg)
         metrics[fmt] = {"logits_max_abs_diff": result["logits_max_abs_diff"],
                         "top1_agreement": result["top1_agreement"],
                         "generation_token_exact": result["generation_token_exact"],
                         "gate_pass": int(passed), "torchrun_wall_s": round(result["torchrun_wall_s"], 2)}
         if not passed:
-            failures.append(f"{fmt} (tp={tp}, pp={pp}, {manifest['dtype']}): {why}")
+            failures.append(f"{fmt} (tp={tp}, pp={pp}, {dtype}): {why}")
     metrics["layout"] = {"tp": tp, "pp": pp, "world_size": tp * pp}
     if failures and cfg.verify.on_fail == "error":
         raise PipelineError(f"verify_parallel failed for {'; '.join(failures)} (set verify.on_fail=warn to record "

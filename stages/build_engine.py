@@ -31,6 +31,7 @@ def main() -> None:
             skip.write_not_built(paths.ENGINE_DIR, paths.ENGINE_METRICS, paths.ENGINE_LOG, "tensorrt", "trt-engine", why)
             _timing_cache_dir()
             return
+        artifacts.verify_manifest(paths.WEIGHTS_DIR)  # before model_shape reads its config.json
         shape = machine.model_shape(paths.WEIGHTS_DIR)
         requirements.require("stage build_engine", requirements.STAGES["build_engine"],
                              machine.backend_target(cfg, backend, shape))

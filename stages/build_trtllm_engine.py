@@ -22,6 +22,7 @@ def main() -> None:
             skip.write_not_built(paths.TRTLLM_ENGINE_DIR, paths.TRTLLM_ENGINE_METRICS, paths.TRTLLM_ENGINE_LOG, "trtllm",
                                  "trtllm-engine", why)
             return
+        artifacts.verify_manifest(paths.WEIGHTS_DIR)  # before model_shape reads its config.json
         shape = machine.model_shape(paths.WEIGHTS_DIR)
         requirements.require("stage build_trtllm_engine", requirements.STAGES["build_trtllm_engine"],
                              machine.backend_target(cfg, backend, shape))

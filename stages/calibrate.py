@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from pipeline import config, paths, tracking
+from pipeline import artifacts, config, paths, tracking
 from pipeline.artifacts import atomic_write_json
 from stages._main import run
 
@@ -10,6 +10,8 @@ from stages._main import run
 def main() -> None:
     cfg = config.load(paths.PARAMS)
     with tracking.stage_run("calibrate", cfg) as stage:
+        for read in (paths.ONNX_DIR, paths.WEIGHTS_DIR):
+            artifacts.verify_manifest(read)
         from pipeline.calibrate import quantize
 
         manifest = quantize(paths.ONNX_DIR / "model.onnx", paths.WEIGHTS_DIR, paths.INT8_DIR,

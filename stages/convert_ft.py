@@ -1,6 +1,6 @@
 """Stage `convert_ft`: HF weights -> FasterTransformer `<tp>-gpu/` folder for parallel.tp x parallel.pp."""
 
-from pipeline import config, paths, tracking
+from pipeline import artifacts, config, paths, tracking
 from pipeline.convert import skip
 from stages._main import run
 
@@ -11,6 +11,7 @@ def main() -> None:
         if "ft" not in cfg.convert.formats:
             manifest = skip.write_skipped(paths.FT_DIR, "ft", "convert.formats excludes ft")
         else:
+            artifacts.verify_manifest(paths.WEIGHTS_DIR)
             from pipeline.convert import ft
 
             manifest = ft.convert(paths.WEIGHTS_DIR, paths.FT_DIR, tp=cfg.parallel.tp, pp=cfg.parallel.pp,

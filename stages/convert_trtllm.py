@@ -1,6 +1,6 @@
 """Stage `convert_trtllm`: HF weights -> TensorRT-LLM checkpoint (config.json + rank{r}.safetensors)."""
 
-from pipeline import config, paths, tracking
+from pipeline import artifacts, config, paths, tracking
 from pipeline.convert import skip
 from stages._main import run
 
@@ -11,6 +11,7 @@ def main() -> None:
         if "trtllm" not in cfg.convert.formats:
             manifest = skip.write_skipped(paths.TRTLLM_DIR, "trtllm", "convert.formats excludes trtllm")
         else:
+            artifacts.verify_manifest(paths.WEIGHTS_DIR)
             from pipeline.convert import trtllm
 
             manifest = trtllm.convert(paths.WEIGHTS_DIR, paths.TRTLLM_DIR, tp=cfg.parallel.tp, pp=cfg.parallel.pp,

@@ -1,7 +1,7 @@
 """Stage `evaluate`: perplexity, top-1 agreement and KL of every artifact vs the HF fp32 reference."""
 
-from pipeline import config, paths, tracking
-from pipeline.artifacts import atomic_write_json, read_manifest
+from pipeline import artifacts, config, paths, tracking
+from pipeline.artifacts import atomic_write_json
 from stages._main import run
 
 
@@ -11,10 +11,13 @@ def main() -> None:
         from pipeline.evaluate import Gate, evaluate
 
         g = cfg.evaluate.gate
+        for read in (paths.WEIGHTS_DIR, paths.ONNX_DIR, paths.INT8_DIR):
+            artifacts.verify_manifest(read)
         onnx_models = {"onnx_fp32": paths.ONNX_DIR / "model.onnx", "onnx_int8": paths.INT8_DIR / "model.onnx"}
-        half = read_manifest(paths.ONNX_HALF_DIR)
+        half = artifacts.verify_manifest(paths.ONNX_HALF_DIR)
         if not half.get("skipped"):  # export.half: the fp16/bf16 graph TensorRT builds from
-            onnx_models[f"onnx_{half['precision']}"] = paths.ONNX_HALF_DIR / "model.onnx"
+            precision = artifacts.manifest_field(paths.ONNX_HALF_DIR, half, "precision", str)
+            onnx_models[f"onnx_{precision}"] = paths.ONNX_HALF_DIR / "model.onnx"
         result = evaluate(paths.WEIGHTS_DIR, onnx_models=onnx_models,
                           torch_precisions=tuple(cfg.evaluate.torch_precisions),
                           gate=Gate(g.max_ppl_delta_pct, g.min_top1, g.mode),

@@ -1,6 +1,6 @@
 """Stage `export_onnx`: HF weights -> artifacts/onnx/model.onnx (decoder with KV cache), checked against torch."""
 
-from pipeline import config, paths, tracking
+from pipeline import artifacts, config, paths, tracking
 from pipeline.artifacts import atomic_write_json
 from stages._main import run
 
@@ -8,6 +8,7 @@ from stages._main import run
 def main() -> None:
     cfg = config.load(paths.PARAMS)
     with tracking.stage_run("export_onnx", cfg) as stage:
+        artifacts.verify_manifest(paths.WEIGHTS_DIR)
         import time
 
         from pipeline.export import export_onnx

@@ -1,7 +1,7 @@
 """Stage `export_onnx_half`: HF weights -> artifacts/onnx_half/model.onnx in export.half (fp16 | bf16), checked
 against Hugging Face fp32; with export.half null it records that no half graph was asked for."""
 
-from pipeline import config, paths, tracking
+from pipeline import artifacts, config, paths, tracking
 from pipeline.artifacts import atomic_write_json
 from pipeline.convert import skip
 from stages._main import run
@@ -14,6 +14,7 @@ def main() -> None:
             skip.write_skipped(paths.ONNX_HALF_DIR, "onnx-half", "export.half is null", kind="onnx-model")
             atomic_write_json(paths.EXPORT_HALF_METRICS, {"skipped": True})
             return
+        artifacts.verify_manifest(paths.WEIGHTS_DIR)
         import time
 
         from pipeline.export import export_half

@@ -15,14 +15,16 @@ def main() -> None:
     cfg = config.load(paths.PARAMS)
     with tracking.stage_run("serve", cfg) as stage:
         weights = artifacts.verify_manifest(paths.WEIGHTS_DIR)
-        requests, warmup = workload.build_requests(cfg.serving, int(weights["shape"]["vocab_size"]), paths.WEIGHTS_DIR)
-        raw, plan = launcher.run_serving(cfg, int(weights["shape"]["vocab_size"]), requests, warmup)
+        vocab_size = artifacts.manifest_field(paths.WEIGHTS_DIR, weights, "shape.vocab_size")
+        requests, warmup = workload.build_requests(cfg.serving, vocab_size, paths.WEIGHTS_DIR)
+        raw, plan = launcher.run_serving(cfg, vocab_size, requests, warmup)
         if not raw:
             console.print(f"[yellow]serve: none of serving.backends={list(cfg.serving.backends)} can run "
                           f"precision.name={cfg.precision.name} on hardware.device={cfg.hardware.device}; nothing "
                           f"served (recorded in {paths.SERVING_CONDITIONS})[/yellow]", highlight=False)
         summary = results.write_serving(raw, cfg.precision.name, cfg.to_dict()["serving"], paths.SERVING_METRICS,
-                                        paths.SERVING_CONDITIONS, paths.SERVING_RECORDS, plan.skipped)
+                                        paths.SERVING_CONDITIONS, paths.SERVING_RECORDS, plan.skipped,
+                                        plan.failed)
         for row in summary["points"]:
             console.print(f"serve {row['backend']:>15} {row['point']:>16}: {row['output_token_throughput']:>10.1f} "
                           f"output tok/s, TTFT p99 {row.get('ttft_ms_p99', float('nan')):.1f} ms, TPOT p99 "
@@ -32,7 +34,8 @@ def main() -> None:
                           names=SERVING_METRICS)
         for path in (paths.SERVING_METRICS, paths.SERVING_CONDITIONS):
             stage.log_artifact(path, "serve")
-        stage.set_tags({"serving_backends": ",".join(cfg.serving.backends), "model": cfg.model.name})
+        stage.set_tags({"serving_backends": ",".join(cfg.serving.backends), "model": cfg.model.name,
+                        **({"failed_backends": ",".join(plan.failed)} if plan.failed else {})})
 
 
 if __name__ == "__main__":

@@ -44,3 +44,24 @@ def tiny_model_dir(tmp_path_factory, default_cfg) -> Path:
     out = tmp_path_factory.mktemp("tiny") / "weights"
     weights.build(default_cfg.model, out)
     return out
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A project dir as DVC runs a stage in: the working directory, with conf/, params.yaml and dvc.yaml;
+    the default sqlite store; no MLFLOW_* or DVC_* from the caller's shell."""
+    import shutil
+
+    from pipeline import lineage
+
+    for key in [k for k in os.environ if k.startswith(("MLFLOW_", "DVC_"))]:
+        monkeypatch.delenv(key)
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
+    for name in ("params.yaml", "dvc.yaml"):
+        shutil.copy2(ROOT / name, tmp_path / name)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(lineage, "invocation", lambda: ("|4242:1.000", "dvc repro"))
+    # DVC's hashing needs a DVC repo; test_tracking.py's test_real_server_then_outage_then_backfill covers it.
+    monkeypatch.setattr(lineage, "dependency_hashes", lambda stage: {})
+    return tmp_path

@@ -61,9 +61,10 @@ def test_atomic_write_never_leaves_a_partial_file(tmp_path: Path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", failing_replace)
-    with pytest.raises(OSError):
+    with pytest.raises(PipelineError, match=f"^{path}: disk full"):  # one line naming the file, not a traceback
         artifacts.atomic_write_json(path, {"a": 2})
     assert path.read_text().strip().endswith("}") and '"a": 1' in path.read_text()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.json"]  # its temporary file removed
 
 
 def test_verify_manifest_catches_truncation_and_tampering(tmp_path: Path):

@@ -199,7 +199,7 @@ def test_missing_section_takes_schema_defaults_but_missing_mandatory_value_fails
 def test_hydra_errors_are_one_line():
     with pytest.raises(ConfigError) as info:
         compose_params(CONF, ["precision=int4"])
-    assert "precision" in str(info.value) and "bf16 fp16 fp32" in str(info.value)
+    assert "precision" in str(info.value) and "bf16, fp16, fp32" in str(info.value)
     assert "\n" not in str(info.value) and "search path" not in str(info.value)
     with pytest.raises(ConfigError, match="benchmark.foo"):
         compose_params(CONF, ["+benchmark.foo=1"])

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import lineage, tracking
+from pipeline.errors import redact
 from pipeline.report import headline
-from tests.conftest import ROOT
 from tests.helpers import MlflowServer, copy_project, free_port, project_env, run
 
 LABEL = "tiny fp32 tp1pp1"
@@ -23,23 +23,6 @@ METRICS_FILES = {"weights": "metrics/weights.json", "export_onnx": "metrics/expo
                  "report": "metrics/headline.json"}
 PIPELINE = ("weights", "export_onnx", "calibrate", "evaluate", "convert_ft", "convert_trtllm", "verify_parallel",
             "benchmark", "report")
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    """A project dir as DVC runs a stage in: the working directory, with conf/, params.yaml and dvc.yaml;
-    the default sqlite store; no MLFLOW_* or DVC_* from the caller's shell."""
-    for key in ("MLFLOW_TRACKING_URI", "DVC_EXP_NAME", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"):
-        monkeypatch.delenv(key, raising=False)
-    shutil.copytree(ROOT / "conf", tmp_path / "conf")
-    for name in ("params.yaml", "dvc.yaml"):
-        shutil.copy2(ROOT / name, tmp_path / name)
-    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(lineage, "invocation", lambda: ("|4242:1.000", "dvc repro"))
-    # DVC's hashing needs a DVC repo; test_real_server_then_outage_then_backfill covers it.
-    monkeypatch.setattr(lineage, "dependency_hashes", lambda stage: {})
-    return tmp_path
 
 
 def _client(uri: str):
@@ -325,8 +308,8 @@ def test_credentials_never_reach_params_artifacts_or_output(store, default_cfg, 
         pass
     err = capsys.readouterr().err
     assert "MLflow tracking failed" in err and "s3cret" not in err
-    assert tracking._redact("https://user:s3cret@mlflow.example.com") == "https://***@mlflow.example.com"
-    assert tracking._redact("sqlite:///x.db") == "sqlite:///x.db"
+    assert redact("https://user:s3cret@mlflow.example.com") == "https://***@mlflow.example.com"
+    assert redact("sqlite:///x.db") == "sqlite:///x.db"
 
 
 def test_unreachable_server_defers_and_backfill_logs_later(store, default_cfg, monkeypatch, capsys):

@@ -3,17 +3,25 @@ colour another's numbers (optimum-benchmark's process launcher).
 
 The launcher decides what runs: each backend's registry entry says which precisions and devices it can run,
 whether it is distributed, and which artifact it loads. The launcher verifies that artifact's manifest once
-and hands the backend its explicit path."""
+and hands the backend its explicit path.
+
+A worker that runs past its timeout (benchmark.timeout_s, serving.timeout_s) is stopped with everything it started;
+one that crashes is recorded as failed with its reason, and the other backends still run."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
+
+import psutil
 
 from pipeline import artifacts, paths
 from pipeline.backends.registry import BackendSpec, spec
@@ -30,6 +38,7 @@ class Plan:
     jobs: dict[str, dict[str, Any]]   # backend -> job (what the worker gets)
     skipped: dict[str, str]           # backend -> why it does not run
     parallel: dict[str, Any]          # how parallel.tp x parallel.pp is covered
+    failed: dict[str, str] = dataclasses.field(default_factory=dict)  # backend -> why its worker failed
 
 
 def artifact_dir(backend: BackendSpec, precision: str) -> Path:
@@ -96,6 +105,7 @@ def plan(cfg: PipelineConfig, vocab_size: int, names: list[str] | None = None, r
             # The roofline's inputs: model shape, hardware figures (or measure them), how lm_head is stored.
             "model": shape, "hardware": hw,
             "lm_head_quantized": lm_head_quantized(cfg.precision.name, artifact),
+            "timeout_s": cfg.benchmark.timeout_s, "timeout_key": "benchmark.timeout_s",
         }
     distributed = [n for n in jobs if spec(n).distributed]
     parallel: dict[str, Any] = {"tp": tp, "pp": pp}
@@ -120,7 +130,8 @@ def serve_plan(cfg: PipelineConfig, vocab_size: int, requests: list, warmup: lis
     rows = [[r.id, list(r.prompt), r.max_new_tokens] for r in requests]
     warm = [[r.id, list(r.prompt), r.max_new_tokens] for r in warmup]
     for job in todo.jobs.values():
-        job.update(mode="serve", serving=settings, requests=rows, warmup=warm)
+        job.update(mode="serve", serving=settings, requests=rows, warmup=warm, timeout_s=cfg.serving.timeout_s,
+                   timeout_key="serving.timeout_s")
     return todo
 
 
@@ -132,23 +143,96 @@ def worker_command(job: dict[str, Any], job_path: Path, result_path: Path) -> li
     return [sys.executable, "-m", "pipeline.benchmark.worker", *args]
 
 
+# After SIGTERM, how long a worker gets before SIGKILL: torchrun uses it to stop its ranks, CUDA to release memory.
+STOP_GRACE_S = 5.0
+
+
+class WorkerFailed(PipelineError):
+    """A backend's worker crashed, ran past its timeout or wrote no result; the message is the reason."""
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after STOP_GRACE_S, to the worker, its process group and every process under it
+    (torchrun starts each rank in a session of its own, so the group alone would miss them)."""
+    try:
+        root = psutil.Process(proc.pid)
+        tree = [root, *root.children(recursive=True)]
+    except psutil.Error:
+        tree = []
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for p in tree:
+            with contextlib.suppress(psutil.Error):
+                p.send_signal(sig)
+        with contextlib.suppress(OSError):
+            os.killpg(proc.pid, sig)
+        if sig == signal.SIGTERM:
+            _, tree = psutil.wait_procs(tree, timeout=STOP_GRACE_S)
+            if not tree:
+                break
+    proc.wait()
+
+
+def _failure(code: int, error_files: list[Path]) -> str:
+    """Why a worker failed: the error line it recorded, else how it ended."""
+    for path in error_files:  # rank 0 first
+        with contextlib.suppress(OSError):
+            reason = path.read_text().strip()
+            if reason:
+                return reason
+    if code < 0:
+        return f"killed by {signal.Signals(-code).name}; see its output above"
+    return f"exited with code {code}; see its output above" if code else "exited without writing a result"
+
+
 def run_job(name: str, job: dict[str, Any]) -> dict[str, Any]:
+    """Run one backend's worker to completion or job["timeout_s"]; raises WorkerFailed naming why it failed."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
+        # Where each rank records its error line (worker.py); {rank} is filled in by the worker.
+        job = {**job, "error_path": str(Path(tmp) / "error-{rank}.txt")}
         job_path.write_text(json.dumps(job))
-        proc = subprocess.run(worker_command(job, job_path, result_path))
+        # A process group of its own, so a timeout stops it with whatever it started (a stage killed by Ctrl-C
+        # stops it in the finally below).
+        proc = subprocess.Popen(worker_command(job, job_path, result_path), process_group=0)
+        try:
+            proc.wait(timeout=job["timeout_s"])
+        except subprocess.TimeoutExpired:
+            raise WorkerFailed(f"timed out after {job['timeout_s']:g} s ({job['timeout_key']})") from None
+        finally:
+            if proc.returncode is None:
+                _stop(proc)
         if proc.returncode != 0 or not result_path.is_file():
-            raise PipelineError(f"benchmark backend '{name}' failed (exit code {proc.returncode}); see its error above")
+            raise WorkerFailed(_failure(proc.returncode, sorted(Path(tmp).glob("error-*.txt"))))
         return json.loads(result_path.read_text())
 
 
+def run_jobs(jobs: dict[str, dict[str, Any]]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+    """Every job in turn, each in a fresh process; returns ({backend: result}, {backend: why it failed})."""
+    results, failed = {}, {}
+    for name, job in jobs.items():
+        try:
+            results[name] = run_job(name, job)
+        except WorkerFailed as e:
+            failed[name] = str(e)
+            console.print(f"[red]backend {name} failed:[/red] {e}", highlight=False)
+    return results, failed
+
+
+def _run_plan(todo: Plan, what: str) -> dict[str, dict[str, Any]]:
+    results, todo.failed = run_jobs(todo.jobs)
+    if todo.jobs and not results:
+        raise PipelineError(f"every {what} backend failed: " + "; ".join(f"{n}: {why}" for n, why in todo.failed.items()))
+    return results
+
+
 def run_all(cfg: PipelineConfig, vocab_size: int) -> tuple[dict[str, dict[str, Any]], Plan]:
-    """Run every backend the plan admits; returns ({backend: result}, plan)."""
+    """Run every backend the plan admits; returns ({backend: result}, plan with plan.failed). Raises when every
+    backend that ran failed."""
     todo = plan(cfg, vocab_size)
-    return {name: run_job(name, job) for name, job in todo.jobs.items()}, todo
+    return _run_plan(todo, "benchmark"), todo
 
 
 def run_serving(cfg: PipelineConfig, vocab_size: int, requests: list, warmup: list) -> tuple[dict[str, Any], Plan]:
     """The serve stage's backends, one process each; returns ({backend: result}, plan)."""
     todo = serve_plan(cfg, vocab_size, requests, warmup)
-    return {name: run_job(name, job) for name, job in todo.jobs.items()}, todo
+    return _run_plan(todo, "serving"), todo

@@ -22,8 +22,9 @@ RUN_COLUMNS = ["backend", "scenario", "tp", "pp", "batch_size", "prompt_length",
 
 def write_results(results: dict[str, dict[str, Any]], metrics_path: Path, conditions_path: Path,
                   runs_path: Path, skipped: dict[str, str] | None = None,
-                  parallel: dict[str, Any] | None = None) -> dict[str, Any]:
-    """metrics: {backend: {load_s, scenario: summary}}; conditions: {backend: facts or {"skipped": why}} plus
+                  parallel: dict[str, Any] | None = None, failed: dict[str, str] | None = None) -> dict[str, Any]:
+    """metrics: {backend: {load_s, scenario: summary}} of the backends that ran; conditions: {backend: facts,
+    {"skipped": why} or {"failed": why} (its worker crashed or timed out)} plus
     "parallel": {tp, pp, benchmarked_by | not_benchmarked} saying how parallel.tp x parallel.pp was covered."""
     metrics = {name: r["metrics"] for name, r in results.items()}
     buffer = io.StringIO()
@@ -34,6 +35,7 @@ def write_results(results: dict[str, dict[str, Any]], metrics_path: Path, condit
     atomic_write_text(runs_path, buffer.getvalue())
     conditions = {name: r["conditions"] for name, r in results.items()}
     conditions.update({name: {"skipped": why} for name, why in (skipped or {}).items()})
+    conditions.update({name: {"failed": why} for name, why in (failed or {}).items()})
     if parallel is not None:
         conditions["parallel"] = parallel
     atomic_write_json(conditions_path, conditions)
@@ -53,10 +55,13 @@ def read_runs(runs_path: Path) -> list[dict[str, Any]]:
 
 
 def write_serving(results: dict[str, dict[str, Any]], precision: str, settings: dict[str, Any], metrics_path: Path,
-                  conditions_path: Path, records_path: Path, skipped: dict[str, str] | None = None) -> dict[str, Any]:
+                  conditions_path: Path, records_path: Path, skipped: dict[str, str] | None = None,
+                  failed: dict[str, str] | None = None) -> dict[str, Any]:
     """The serve stage's outputs. metrics: {"settings": what every point shares, "points": one self-describing row
     per backend x load point (backend, precision, tp, pp, point, load, rate or concurrency, every metric)};
-    conditions: {backend: facts (engine, compile time, hardware figures, environment) or {"skipped": why}};
+    conditions: {backend: facts (engine, compile time, hardware figures, environment), {"skipped": why} or
+    {"failed": why}}; metrics also has "failed": {backend: why} when a worker crashed or timed out (what the report
+    shows);
     records: JSON Lines, one per request (backend, point, id, lengths, send time, every token's time, seconds
     from the point's start), from which every metric can be recomputed."""
     points, lines = [], []
@@ -68,7 +73,8 @@ def write_serving(results: dict[str, dict[str, Any]], precision: str, settings: 
     atomic_write_text(records_path, "".join(line + "\n" for line in lines))
     conditions = {name: r["conditions"] for name, r in results.items()}
     conditions.update({name: {"skipped": why} for name, why in (skipped or {}).items()})
+    conditions.update({name: {"failed": why} for name, why in (failed or {}).items()})
     atomic_write_json(conditions_path, conditions)
-    summary = {"settings": settings, "points": points}
+    summary = {"settings": settings, "points": points, **({"failed": dict(failed)} if failed else {})}
     atomic_write_json(metrics_path, summary)
     return summary

@@ -8,12 +8,14 @@ measure them, and whether lm_head is 8-bit); it reads no params.yaml and guesses
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 from pathlib import Path
 
 import torch
 
-from pipeline.artifacts import atomic_write_json
+from pipeline.artifacts import atomic_write_json, atomic_write_text
 from pipeline.backends.base import BackendInputs
 from pipeline.backends.registry import load_backend_class
 from pipeline.benchmark.runner import RooflineInputs, benchmark_backend
@@ -22,6 +24,12 @@ from pipeline.config import BenchmarkConfig
 from pipeline.errors import PipelineError
 from pipeline.model.args import LlamaArgs
 from pipeline.progress import console
+
+
+def record_failure(job: dict, reason: str) -> None:
+    """The one line the launcher records as this backend's failure (each rank writes its own file)."""
+    lines = reason.strip().splitlines() or ["no message"]
+    atomic_write_text(Path(job["error_path"].format(rank=os.environ.get("RANK", "0"))), lines[0] + "\n")
 
 
 def main(argv: list[str]) -> int:
@@ -43,6 +51,12 @@ def main(argv: list[str]) -> int:
             backend.close()
     except PipelineError as e:
         console.print(f"[red]error:[/red] {e}", highlight=False)
+        record_failure(job, str(e))
+        return 1
+    except Exception as e:
+        # Unforeseen: the traceback is for whoever debugs it, the launcher records its last line.
+        traceback.print_exc()
+        record_failure(job, f"{type(e).__name__}: {e}")
         return 1
     if backend.is_reporting_rank:
         atomic_write_json(Path(result_path), result)

@@ -6,14 +6,13 @@ directory through these functions only, so "what a model directory must contain"
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, read_json
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.json"
@@ -24,10 +23,7 @@ def read_config(model_dir: Path) -> dict[str, Any]:
     path = Path(model_dir) / CONFIG_FILE
     if not path.is_file():
         raise PipelineError(f"{path}: not found; run the weights stage first (dvc repro weights)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{path}: not valid JSON ({e.msg}); rerun the weights stage (dvc repro weights)") from None
+    return read_json(path, "rerun the weights stage (dvc repro weights)")
 
 
 def load_hf_model(model_dir: Path, dtype: torch.dtype = torch.float32, attn_implementation: str = "sdpa"):
@@ -54,7 +50,12 @@ def load_tokenizer(model_dir: Path):
         raise PipelineError(f"{Path(model_dir) / TOKENIZER_FILE}: not found; the model directory needs its tokenizer")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir), trust_remote_code=False)
+    except Exception as e:  # JSON, encoding and tokenizers errors of a damaged file: it is named, not traced back
+        raise PipelineError(f"{model_dir}: its tokenizer files could not be loaded "
+                            f"({(str(e).splitlines() or [type(e).__name__])[0]}); rerun the weights stage "
+                            f"(dvc repro weights)") from None
 
 
 def random_token_ids(model_dir: Path, shape: tuple[int, ...], seed: int) -> np.ndarray:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from pipeline.config import ModelConfig
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, read_text
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 CORPUS = DATA_DIR / "corpus.txt"
@@ -22,7 +22,7 @@ def train_embedded_tokenizer(model: ModelConfig, out_dir: Path, corpus: Path = C
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    text = corpus.read_text(encoding="utf-8")
+    text = read_text(corpus, "save the tokenizer's training text as UTF-8")
     if not text.strip():
         raise PipelineError(f"{corpus}: empty; the embedded tokenizer needs training text")
     tok = Tokenizer(models.BPE())

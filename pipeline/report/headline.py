@@ -4,7 +4,8 @@ Shape (per backend; the accuracy delta is per backend because it belongs to the 
 ran, not to a scenario):
 
     {"<backend>": {"ppl_delta_pct": float,                      # absent when no evaluated artifact matches
-                   "<scenario>": {"ttft_ms_p50": float, "tpot_ms_p50": float, "output_token_throughput": float}}}
+                   "<scenario>": {"ttft_ms_p50": float, "tpot_ms_p50": float, "output_token_throughput": float}},
+     "<failed backend>": {"failed": "why its worker crashed or timed out"}}
 
 Imported by tracking code, so this module stays light: no matplotlib, no torch.
 """
@@ -57,5 +58,7 @@ def headline(benchmark: dict[str, Any], conditions: dict[str, Any],
             if isinstance(summary, dict):  # skips backend-level numbers such as load_s
                 entry[key] = {name: summary[name] for name in SCENARIO_METRICS}
         out[backend] = entry
+    # A backend whose worker crashed or timed out has no numbers; its reason shows where they would be.
+    out.update({b: {"failed": c["failed"]} for b, c in conditions.items() if isinstance(c, dict) and "failed" in c})
     return out
 

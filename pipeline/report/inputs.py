@@ -3,14 +3,14 @@ missing or malformed input fails with one line naming it and leaves no output be
 
 from __future__ import annotations
 
-import json
+import csv
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pipeline import artifacts
 from pipeline.benchmark.results import read_runs
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, read_json
 from pipeline.report import tables
 
 # Per-scenario fields of metrics/benchmark.json that the tables, plots and markdown read.
@@ -65,13 +65,10 @@ def _missing(path: Path) -> PipelineError:
     return PipelineError(f"{path}: missing; run the stage that writes it (dvc repro)")
 
 
-def _read_json(path: Path) -> Any:
+def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise _missing(path)
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise PipelineError(f"{path}: not valid JSON ({e}); rerun the stage that writes it (dvc repro)") from None
+    return read_json(path, "rerun the stage that writes it (dvc repro)")  # every metrics file is a JSON object
 
 
 def _read_runs(path: Path) -> list[dict[str, Any]]:
@@ -79,8 +76,12 @@ def _read_runs(path: Path) -> list[dict[str, Any]]:
         return read_runs(path)
     except KeyError as e:
         raise PipelineError(f"{path}: no column {e}; rerun the benchmark stage (dvc repro)") from None
-    except ValueError as e:
-        raise PipelineError(f"{path}: a value is not a number ({e}); rerun the benchmark stage (dvc repro)") from None
+    except UnicodeDecodeError as e:  # before ValueError, its base class
+        raise PipelineError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); rerun the benchmark stage "
+                            f"(dvc repro)") from None
+    except (ValueError, TypeError, csv.Error) as e:  # TypeError: a row cut short has None for its last columns
+        raise PipelineError(f"{path}: a value is missing or not a number ({e}); rerun the benchmark stage "
+                            f"(dvc repro)") from None
 
 
 def _require(path: Path, where: str, entry: dict[str, Any], fields: tuple[str, ...]) -> None:
@@ -108,6 +109,9 @@ def load(inputs: ReportInputs) -> ReportData:
     if not data.benchmark or not data.runs:
         raise PipelineError(f"{inputs.benchmark}: no benchmark results to report; run the benchmark stage (dvc repro)")
     for backend, scenarios in data.benchmark.items():
+        if not isinstance(scenarios, dict):
+            raise PipelineError(f"{inputs.benchmark}: {backend} is a {type(scenarios).__name__}, not an object of "
+                                f"scenarios; rerun the benchmark stage (dvc repro)")
         for key, summary in scenarios.items():
             if isinstance(summary, dict):
                 _require(inputs.benchmark, f"{backend}.{key}", summary, SCENARIO_FIELDS)

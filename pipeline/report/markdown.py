@@ -110,7 +110,10 @@ def _verify_section(verify: dict[str, Any]) -> list[str]:
 def _serving_section(serving: dict[str, Any], price_per_hour: float | None = None) -> list[str]:
     rows, settings = serving["points"], serving["settings"]
     slo = settings.get("slo", {})
-    lines = ["## Serving", "",
+    lines = ["## Serving", ""]
+    for name, why in serving.get("failed", {}).items():  # its worker crashed or timed out
+        lines += [f"**Backend `{name}` FAILED**: {why}.", ""]
+    lines += [
              f"{settings.get('num_requests')} requests per load point ({settings.get('dataset')}: input "
              f"{settings.get('input_len')}, output {settings.get('output_len')} tokens, range ratio "
              f"{settings.get('range_ratio')}), {settings.get('max_num_seqs')} sequences at most in flight. Goodput: "
@@ -152,6 +155,8 @@ def render(data: ReportData, table: list[dict[str, Any]], plots: list[str]) -> s
     for backend, cond in data.conditions.items():
         if "skipped" in cond:
             lines += [f"Backend `{backend}` was not run: {cond['skipped']}.", ""]
+        if "failed" in cond:
+            lines += [f"**Backend `{backend}` FAILED**: {cond['failed']}.", ""]
     if isinstance(data.conditions.get("parallel"), dict):
         lines += _parallel_lines(data.conditions["parallel"])
     if data.evaluate:

@@ -45,7 +45,9 @@ def run_parallel(fmt: str, checkpoint_dir: Path, tp: int, pp: int, prompts: Sequ
     Mapping(tp, pp)  # validates tp/pp before anything starts
     with tempfile.TemporaryDirectory(prefix="parallel-verify-") as tmp:
         output = Path(tmp) / "result.json"
-        cmd = torchrun_command(fmt, checkpoint_dir, tp, pp, prompts, max_new_tokens, output,
+        # Absolute: the ranks run in ROOT, which is not the stage's directory in a `dvc exp run --temp` copy or
+        # another checkout using this install; a relative path would load that tree's checkpoint, not the verified one.
+        cmd = torchrun_command(fmt, Path(checkpoint_dir).resolve(), tp, pp, prompts, max_new_tokens, output,
                                backend=backend, dtype=dtype)
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         env = {**os.environ, "PYTHONPATH": path}
