@@ -64,6 +64,34 @@ def test_hung_worker_is_killed_with_its_children_and_the_others_still_run(tmp_pa
     assert not _alive(child), "the hung worker's own child process survived"
 
 
+def test_a_worker_stops_when_its_stage_is_killed_outright(tmp_path):
+    # A stage killed with SIGKILL cannot stop its worker; the worker (every rank) watches the launcher's pid.
+    worker = ("import json, pathlib, sys, time\n"
+              "from pipeline.benchmark.worker import stop_with_launcher\n"
+              "stop_with_launcher(json.loads(pathlib.Path(sys.argv[2]).read_text()), every_s=0.1)\n"
+              "pathlib.Path(sys.argv[1]).write_text(str(__import__('os').getpid()))\n"
+              "time.sleep(120)\n")
+    stage = ("import sys\n"
+             "from pipeline.benchmark import launcher\n"
+             f"launcher.worker_command = lambda job, j, r: [sys.executable, '-c', {worker!r}, {str(tmp_path / 'w.pid')!r}, str(j), str(r)]\n"
+             "launcher.run_jobs({'hangs': {'inputs': {'backend': 'hangs'}, 'distributed': False, 'timeout_s': 120, "
+             "'timeout_key': 'benchmark.timeout_s'}})\n")
+    proc = subprocess.Popen([sys.executable, "-c", stage], cwd=ROOT)
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "w.pid").is_file() and time.time() < deadline:
+            time.sleep(0.05)
+        pid = int((tmp_path / "w.pid").read_text())
+        proc.kill()
+        proc.wait()
+        deadline = time.time() + 10
+        while _alive(pid) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not _alive(pid), "the worker outlived its killed stage"
+    finally:
+        proc.kill()
+
+
 def test_crashed_worker_is_recorded_with_its_last_error_line(tmp_path):
     # The real worker, handed a job that lacks the model shape: it crashes with a traceback (on its stderr); the
     # reason recorded is the traceback's last line.

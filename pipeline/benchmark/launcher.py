@@ -188,8 +188,8 @@ def run_job(name: str, job: dict[str, Any]) -> dict[str, Any]:
     """Run one backend's worker to completion or job["timeout_s"]; raises WorkerFailed naming why it failed."""
     with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
         job_path, result_path = Path(tmp) / "job.json", Path(tmp) / "result.json"
-        # Where each rank records its error line (worker.py); {rank} is filled in by the worker.
-        job = {**job, "error_path": str(Path(tmp) / "error-{rank}.txt")}
+        # Where each rank records its error line ({rank} is filled in by worker.py), and the pid it must not outlive.
+        job = {**job, "error_path": str(Path(tmp) / "error-{rank}.txt"), "launcher_pid": os.getpid()}
         job_path.write_text(json.dumps(job))
         # A process group of its own, so a timeout stops it with whatever it started (a stage killed by Ctrl-C
         # stops it in the finally below).

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 import os
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 
+import psutil
 import torch
 
 from pipeline.artifacts import atomic_write_json, atomic_write_text
@@ -32,9 +35,29 @@ def record_failure(job: dict, reason: str) -> None:
     atomic_write_text(Path(job["error_path"].format(rank=os.environ.get("RANK", "0"))), lines[0] + "\n")
 
 
+def stop_with_launcher(job: dict, every_s: float = 1.0) -> None:
+    """Exit when the stage that launched this worker is gone. A stage killed outright (SIGKILL, OOM killer) cannot
+    stop its worker, which would otherwise hold the GPU as an orphan; every torchrun rank watches for itself, and
+    torchrun ends when its ranks do. is_running() compares the start time too, so a reused pid is not mistaken."""
+    launcher = psutil.Process(job["launcher_pid"])
+
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            try:
+                gone = not launcher.is_running() or launcher.status() == psutil.STATUS_ZOMBIE
+            except psutil.Error:
+                gone = True
+            if gone:
+                os._exit(1)
+
+    threading.Thread(target=watch, name="stop-with-launcher", daemon=True).start()
+
+
 def main(argv: list[str]) -> int:
     job_path, result_path = argv
     job = json.loads(Path(job_path).read_text())
+    stop_with_launcher(job)
     try:
         inputs = BackendInputs(**{**job["inputs"], "artifact": Path(job["inputs"]["artifact"])})
         if inputs.num_threads:
