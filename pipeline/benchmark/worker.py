@@ -57,7 +57,8 @@ def stop_with_launcher(job: dict, every_s: float = 1.0) -> None:
 def main(argv: list[str]) -> int:
     job_path, result_path = argv
     job = json.loads(Path(job_path).read_text())
-    stop_with_launcher(job)
+    if "launcher_pid" in job:  # set by the launcher; a worker started by hand (debugging) has none to watch
+        stop_with_launcher(job)
     try:
         inputs = BackendInputs(**{**job["inputs"], "artifact": Path(job["inputs"]["artifact"])})
         if inputs.num_threads:
