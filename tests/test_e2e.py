@@ -194,13 +194,81 @@ def test_a_queued_experiment_that_changes_only_the_benchmark_reruns_only_the_ben
     checkouts come back from DVC's run-cache instead of being rebuilt."""
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qam", "before queue", "--allow-empty"],
         project, project_env())
-    run(["dvc", "exp", "run", "--queue", "-n", "queued-bench", "-S", "benchmark.measured_runs=4"], project, project_env())  # a value no earlier test ran
-    run(["dvc", "exp", "run", "--run-all"], project, project_env(), timeout=900)
-    logs = run(["dvc", "queue", "logs", "queued-bench"], project, project_env()).stdout
-    # DVC never restores a stage with a persisted output (build_engine's timing cache) from its run-cache, so that
-    # stage runs again: here it only records, in seconds, that no backend asks for an engine.
-    assert _ran(logs) == {"benchmark", "report", "build_engine"}, logs[-3000:]
-    assert "'export_onnx' is cached" in logs and "'calibrate' is cached" in logs and "'evaluate' is cached" in logs
+    # Values no earlier test ran; two DVC queue workers run the two experiments side by side.
+    for name, runs in (("queued-bench", 4), ("queued-bench-2", 9)):
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"benchmark.measured_runs={runs}"], project, project_env())
+    run(["dvc", "exp", "run", "--run-all", "--jobs", "2"], project, project_env(), timeout=900)
+    status = run(["dvc", "queue", "status"], project, project_env()).stdout
+    assert re.search(r"queued-bench\s.*Success", status) and re.search(r"queued-bench-2\s.*Success", status), status
+    for name in ("queued-bench", "queued-bench-2"):
+        logs = run(["dvc", "queue", "logs", name], project, project_env()).stdout
+        # DVC never restores a stage with a persisted output (build_engine's timing cache) from its run-cache, so that
+        # stage runs again: here it only records, in seconds, that no backend asks for an engine.
+        assert _ran(logs) == {"benchmark", "report", "build_engine"}, logs[-3000:]
+        assert "'export_onnx' is cached" in logs and "'calibrate' is cached" in logs and "'evaluate' is cached" in logs
+    shown = {e["name"]: e for e in _experiments(project)}
+    assert shown["queued-bench"]["params"]["benchmark"]["measured_runs"] == 4
+    assert shown["queued-bench-2"]["params"]["benchmark"]["measured_runs"] == 9
+
+
+def _experiments(project) -> list[dict]:
+    """Every DVC experiment of the project: name, params.yaml and metrics/headline.json (`dvc exp show --json`)."""
+    shown = json.loads(run(["dvc", "exp", "show", "--json"], project, project_env()).stdout)
+    found = []
+    for baseline in shown:
+        for exp in baseline.get("experiments") or []:
+            for rev in exp.get("revs") or []:
+                data = rev.get("data") or {}
+                found.append({"name": rev.get("name") or exp.get("name"),
+                              "params": (data.get("params") or {}).get("params.yaml", {}).get("data", {}),
+                              "metrics": (data.get("metrics") or {}).get("metrics/headline.json", {}).get("data", {})})
+    return found
+
+
+def _sweep(project, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.sweep", *args], cwd=project,
+                          env=project_env(COLUMNS="250"), capture_output=True, text=True, timeout=1200)
+
+
+def _sweep_results(project, proc) -> list[dict]:
+    folder = re.search(r"sweep output dir : (\S+)", proc.stdout + proc.stderr).group(1)
+    return sorted((json.loads(p.read_text()) for p in (project / folder).glob("*/result.json")),
+                  key=lambda r: r["job"])
+
+
+def test_a_hydra_sweep_through_the_submitit_launcher_runs_each_job_as_a_dvc_experiment(project, first_repro):
+    """Issue 20: a two-job sweep through a real Hydra launcher plugin (submitit, local processes), each job a DVC
+    experiment of the whole pipeline in its own temporary copy; the two run at the same time."""
+    proc = _sweep(project, "-m", "benchmark.measured_runs=7,8", "hydra/launcher=submitit_local")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "sweep: 2 configuration(s) composed and valid" in out and "sweep: 2 of 2 experiment(s) done" in out
+    results = _sweep_results(project, proc)
+    assert [(r["job"], r["overrides"], r["returncode"]) for r in results] == [
+        (0, ["benchmark.measured_runs=7"], 0), (1, ["benchmark.measured_runs=8"], 0)]
+    first, second = results
+    assert first["started"] < second["finished"] and second["started"] < first["finished"]  # side by side
+    logs = [(project / r["log"]).read_text() for r in results]
+    assert all(_ran(log) == {"benchmark", "report", "build_engine"} for log in logs), logs[0][-3000:]
+    shown = {e["name"]: e for e in _experiments(project)}
+    for r, runs in zip(results, (7, 8)):
+        exp = shown[r["experiment"]]
+        assert exp["params"]["benchmark"]["measured_runs"] == runs
+        assert exp["metrics"]["torch"]["bs1_in32_out32"]["tpot_ms_p50"] > 0
+
+
+def test_a_failed_sweep_job_is_reported_in_one_line_and_the_others_still_finish(project, first_repro):
+    good = project / "artifacts/weights"
+    proc = _sweep(project, "-m", "model=local", f"model.local_dir={good},/nonexistent", "sweep.targets=[weights]",
+                  "hydra/launcher=submitit_local")
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1, out[-4000:]
+    assert "Traceback" not in out and "sweep: 1 of 2 experiment(s) done" in out
+    ok, failed = _sweep_results(project, proc)
+    assert ok["returncode"] == 0 and failed["returncode"] != 0
+    assert failed["error"] == "error: model.local_dir: /nonexistent is not a directory"
+    names = {e["name"] for e in _experiments(project)}
+    assert ok["experiment"] in names and failed["experiment"] not in names
 
 
 def test_copy_of_a_project_after_repro_is_a_fresh_clone(project, first_repro, tmp_path):

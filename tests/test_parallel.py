@@ -184,3 +184,43 @@ def test_cli_without_torchrun_explains(store, tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip() == ("pipeline.runner.run: error: no torch.distributed environment: launch with "
                                   "torchrun --nproc-per-node=2 -m pipeline.runner.run ...")
+
+
+def test_two_nodes_join_through_torchrun_rendezvous(store, tmp_path):
+    """Multi-node tp x pp as README documents it: the same command on every node, joined by torchrun's c10d
+    rendezvous. Two torchrun agents on this host stand for two nodes (one rank each, gloo); the pipeline stage on
+    the second node must receive the first's activations and the generation must equal Hugging Face's."""
+    from safetensors.torch import load_file
+
+    from pipeline.runner.verify import compare
+    from tests.helpers import free_port
+
+    output = tmp_path / "result.json"
+    cmd = torchrun_command("trtllm", store.checkpoint("gqa", "trtllm", 1, 2), 1, 2, PROMPTS, NEW_TOKENS, output,
+                           nnodes=2, rdzv_endpoint=f"127.0.0.1:{free_port()}")
+    assert "--nproc-per-node=1" in cmd and "--nnodes=2" in cmd and "--standalone" not in cmd
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    nodes = [subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [node.communicate(timeout=300) for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], [err[-2000:] for _, err in outs]
+    result = json.loads(output.read_text())
+    assert (result["tp"], result["pp"], result["backend"]) == (1, 2, "gloo")
+    logits = load_file(str(output.with_name(result["logits_file"])))
+    metrics = compare(result, [logits[f"prompt{i}"] for i in range(len(PROMPTS))],
+                      hf_reference(store.model("gqa"), PROMPTS, NEW_TOKENS))
+    _metrics_ok(metrics)
+
+
+def test_nodes_must_split_the_ranks_evenly(store, tmp_path):
+    with pytest.raises(PipelineError, match=r"parallel.tp \* parallel.pp = 3 ranks do not split evenly over 2 nodes"):
+        torchrun_command("trtllm", store.checkpoint("gqa", "trtllm", 1, 3), 1, 3, PROMPTS, 1, tmp_path / "r.json",
+                         nnodes=2, rdzv_endpoint="127.0.0.1:1")
+
+
+def test_several_nodes_need_a_rendezvous_endpoint():
+    from pipeline.parallel import launch
+
+    with pytest.raises(PipelineError, match=r"nnodes=2 needs a rendezvous endpoint \(host:port of one node"):
+        launch.torchrun_command(1, "pipeline.runner.run", [], nnodes=2)
+    assert "--standalone" in launch.torchrun_command(2, "pipeline.runner.run", [])

@@ -5,16 +5,29 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 
 from pipeline.errors import PipelineError
 
 
-def torchrun_command(nproc: int, module: str, args: Sequence[str]) -> list[str]:
-    """`python -m torch.distributed.run` for nproc ranks on this node, each running `python -m module args`."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+def torchrun_command(nproc: int, module: str, args: Sequence[str], *, nnodes: int = 1,
+                     rdzv_endpoint: Optional[str] = None, rdzv_id: str = "llama3-pipeline") -> list[str]:
+    """`python -m torch.distributed.run` for nproc ranks on this node, each running `python -m module args`.
+
+    nnodes > 1: this node's share of a multi-node job. Every node runs the same command; torchrun's c10d
+    rendezvous at rdzv_endpoint (host:port on one of the nodes, reachable from all) assigns node ranks, and global
+    rank = node rank * nproc + local rank. Mapping puts rank = pp_rank * tp + tp_rank, so with nproc = tp each
+    tensor-parallel group stays inside one node (NVLink) and only pipeline sends cross the network."""
+    if nnodes == 1:
+        where = ["--standalone"]
+    elif not rdzv_endpoint:
+        raise PipelineError(f"nnodes={nnodes} needs a rendezvous endpoint (host:port of one node, reachable from all)")
+    else:
+        where = [f"--nnodes={nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={rdzv_endpoint}",
+                 f"--rdzv-id={rdzv_id}"]
+    return [sys.executable, "-m", "torch.distributed.run", *where, f"--nproc-per-node={nproc}",
             "--monitor-interval=0.1", "-m", module, *args]
 
 

@@ -24,7 +24,10 @@ ROOT = Path(__file__).resolve().parents[2]  # the project root: torchrun's ranks
 
 def torchrun_command(fmt: str, checkpoint_dir: Path, tp: int, pp: int, prompts: Sequence[Sequence[int]],
                      max_new_tokens: int, output: Path, *, backend: Optional[str] = None,
-                     dtype: Optional[str] = None) -> list[str]:
+                     dtype: Optional[str] = None, nnodes: int = 1, rdzv_endpoint: Optional[str] = None) -> list[str]:
+    """The runner's torchrun command: tp * pp ranks on this node, or this node's tp * pp / nnodes of them."""
+    if (tp * pp) % nnodes:
+        raise PipelineError(f"parallel.tp * parallel.pp = {tp * pp} ranks do not split evenly over {nnodes} nodes")
     args = ["--format", fmt, "--checkpoint", str(checkpoint_dir), "--tp", str(tp), "--pp", str(pp),
             "--max-new-tokens", str(max_new_tokens), "--output", str(output)]
     for prompt in prompts:
@@ -33,7 +36,8 @@ def torchrun_command(fmt: str, checkpoint_dir: Path, tp: int, pp: int, prompts: 
         args += ["--backend", backend]
     if dtype:
         args += ["--dtype", dtype]
-    return launch.torchrun_command(tp * pp, "pipeline.runner.run", args)
+    return launch.torchrun_command(tp * pp // nnodes, "pipeline.runner.run", args, nnodes=nnodes,
+                                   rdzv_endpoint=rdzv_endpoint)
 
 
 def run_parallel(fmt: str, checkpoint_dir: Path, tp: int, pp: int, prompts: Sequence[Sequence[int]],
