@@ -168,6 +168,10 @@ def main() -> None:
         console.print(f"[red]error:[/red] {escape(str(e))}", highlight=False)
         sys.exit(1)
     console.print(f"sweep: {len(jobs)} configuration(s) composed and valid", highlight=False)
+    if len(jobs) > 1 and "hydra/launcher=submitit_local" in sys.argv:
+        console.print("[yellow]note:[/yellow] submitit_local runs every job at once on this machine: their benchmark "
+                      "and serve timings measure each other; time one at a time (the basic launcher, or "
+                      "`dvc queue start -j 1`) or one job per node (submitit_slurm)", highlight=False)
 
     import hydra
 

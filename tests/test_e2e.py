@@ -243,6 +243,7 @@ def test_a_hydra_sweep_through_the_submitit_launcher_runs_each_job_as_a_dvc_expe
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "sweep: 2 configuration(s) composed and valid" in out and "sweep: 2 of 2 experiment(s) done" in out
+    assert "note: submitit_local runs every job at once on this machine" in out
     results = _sweep_results(project, proc)
     assert [(r["job"], r["overrides"], r["returncode"]) for r in results] == [
         (0, ["benchmark.measured_runs=7"], 0), (1, ["benchmark.measured_runs=8"], 0)]
