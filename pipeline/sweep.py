@@ -26,7 +26,7 @@ from hydra.experimental.callback import Callback
 from pipeline.artifacts import atomic_write_json
 from pipeline.errors import PipelineError
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
+CONF = Path("conf")  # the repository's, as `dvc exp run -S` composes it: run from the repository root
 OWN_KEYS = ("sweep.", "hydra.", "hydra/")  # the sweep's and Hydra's own settings: not pipeline params
 
 
@@ -175,7 +175,7 @@ def main() -> None:
 
     import hydra
 
-    hydra.main(config_path=str(CONF), config_name="sweep", version_base="1.3")(run_job)()
+    hydra.main(config_path=str(CONF.resolve()), config_name="sweep", version_base="1.3")(run_job)()
     sys.exit(1 if Summary.failed else 0)
 
 

@@ -3,6 +3,7 @@ The sweeps that run (a real Hydra launcher, DVC experiments) are in tests/test_e
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -10,6 +11,7 @@ import pytest
 
 from pipeline import sweep
 from pipeline.errors import PipelineError
+from tests.conftest import ROOT
 from tests.helpers import project_env
 
 
@@ -56,9 +58,18 @@ def test_the_stages_own_error_line_is_what_a_failed_job_reports(tmp_path):
                                        "unknown key 'benchmark.batch_size'; did you mean 'benchmark.batch_sizes'?"),
 ])
 def test_an_impossible_combination_is_one_line_and_nothing_is_launched(tmp_path, overrides, message):
+    shutil.copytree(ROOT / "conf", tmp_path / "conf")
     proc = subprocess.run([sys.executable, "-m", "pipeline.sweep", "-m", *overrides, "hydra/launcher=submitit_local"],
                           cwd=tmp_path, env=project_env(COLUMNS="400"), capture_output=True, text=True, timeout=120)
     out = (proc.stdout + proc.stderr).strip()
     assert proc.returncode == 1 and out.startswith(f"error: {message}") and out.endswith("nothing was launched")
     assert "\n" not in out and "Traceback" not in out
-    assert list(tmp_path.iterdir()) == []  # no sweep directory, no submitit folder
+    assert [p.name for p in tmp_path.iterdir()] == ["conf"]  # no sweep directory, no submitit folder
+
+
+def test_outside_a_repository_it_says_where_to_run(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "pipeline.sweep", "-m", "precision=fp32,bf16"], cwd=tmp_path,
+                          env=project_env(COLUMNS="400"), capture_output=True, text=True, timeout=120)
+    out = (proc.stdout + proc.stderr).strip()
+    assert proc.returncode == 1 and out.startswith("error: sweep job 0 (precision=fp32): ") and "\n" not in out
+    assert out.endswith("conf/config.yaml: not found; run from the repository root; nothing was launched")
