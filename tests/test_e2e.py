@@ -52,11 +52,13 @@ def test_repro_builds_every_output_with_sane_metrics(project, first_repro):
         s = all_metrics[backend][key]
         batch, out = int(key.split("_")[0][2:]), int(key.split("_")[2][3:])
         assert s["tpot_ms_p50"] > 0 and s["ttft_ms_p50"] > 0
-        # Throughput and latency must tell the same story: tokens/s = batch * N / E2E (means agree
-        # within the spread of the runs).
+        # Throughput and latency must tell the same story: tokens/s = batch * N / E2E and E2E = TTFT + (N-1) * TPOT.
+        # Means, which are linear in the runs, hold both up to rounding; p50s of a few runs on a loaded CPU do not
+        # (measured: a p50 identity 33 % off while two test suites shared the 2 cores).
         implied = batch * out / (s["e2el_ms_mean"] / 1e3)
-        assert s["output_token_throughput"] == pytest.approx(implied, rel=0.25)
-        assert s["e2el_ms_p50"] == pytest.approx(s["ttft_ms_p50"] + (out - 1) * s["tpot_ms_p50"], rel=0.25)
+        assert s["output_token_throughput"] == pytest.approx(implied, rel=1e-3)
+        assert s["e2el_ms_mean"] == pytest.approx(s["ttft_ms_mean"] + (out - 1) * s["tpot_ms_mean"], rel=1e-3)
+        assert s["ttft_ms_p50"] <= s["e2el_ms_p50"] and s["tpot_ms_p50"] <= s["tpot_ms_p99"]
     for name in ("report.md", "latency.png", "throughput.png", "tpot_distribution.png", "accuracy.png", "onnx_ops.png"):
         assert (project / "reports" / name).stat().st_size > 0
     assert (project / "reports/latency.png").read_bytes()[:4] == b"\x89PNG"
