@@ -19,7 +19,7 @@ LAYERS = {
     6: ("config",),
     7: ("lineage", "compose", "weights", "export", "calibrate", "evaluate", "verify_parallel", "benchmark", "trtllm_bench"),
     8: ("tracking", "report"),
-    9: ("__main__", "advise", "doctor"),
+    9: ("__main__", "advise", "doctor", "sweep"),
 }
 LAYER_OF = {part: layer for layer, parts in LAYERS.items() for part in parts}
 
